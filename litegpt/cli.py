@@ -1,0 +1,39 @@
+"""The `litegpt` command: one subcommand per module, each module owning its own arguments.
+
+A subcommand module exposes `add_arguments(parser)` and `run(args) -> int`; it is imported only when
+its command runs, so `litegpt synth` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("litegpt.synth", "write a synthetic dataset in the PhysioNet VinDr-CXR layout"),
+    "prepare": ("litegpt.prepare", "convert a VinDr-CXR root (PhysioNet or Kaggle layout) into WebDataset shards"),
+    "inspect": ("litegpt.inspect", "summarise a shard set and draw samples with their boxes"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="litegpt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    # Parse only the command name first, then let its module define the rest.
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.parse_args(argv)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    cmd_parser = argparse.ArgumentParser(prog=f"litegpt {argv[0]}", description=COMMANDS[argv[0]][1])
+    module.add_arguments(cmd_parser)
+    args = cmd_parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""`litegpt prepare`: a VinDr-CXR root (PhysioNet or Kaggle layout) -> verified WebDataset shards.
+
+Flow: read the CSVs (sources) -> combine raters (policy) -> cut the surviving images into shards in
+(split, image_id) order -> convert DICOMs in worker processes -> the main process writes each shard in
+order (so the bytes never depend on the worker count) -> manifest.json last. A shard's record is kept in
+`.partial/` as soon as it is written, so a re-run with the same inputs and parameters resumes; with
+different ones it starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from litegpt import __version__
+from litegpt.dicom import ConvertConfig, DicomError, convert_dicom
+from litegpt.labels import ALL_LABELS
+from litegpt.policy import Conflict, Labels, PolicyConfig, apply_policy
+from litegpt.shards import FORMAT, MANIFEST, SPLITS, Sample, png_bytes, sha256_file, shard_name, write_json_atomic, write_shard
+from litegpt.sources import DatasetError, ImageRecord, Problem, read_dataset
+
+PARTIAL = ".partial"
+BOX_TOLERANCE_PX = 1.0  # boxes may overrun the image by rounding; more than this is an annotation error
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    root: Path
+    out: Path
+    layout: str = "auto"
+    holdout: float = 0.1
+    convert: ConvertConfig = ConvertConfig()
+    policy: PolicyConfig = PolicyConfig()
+    samples_per_shard: int = 512
+    png_compress_level: int = 1
+    workers: int = os.cpu_count() or 1
+    max_bad: int | None = None
+
+    def params(self) -> dict:
+        """Everything that changes the shards' bytes (not root/out/workers/max_bad)."""
+        return {
+            "layout": self.layout, "holdout": self.holdout, "max_side": self.convert.max_side,
+            "conversion": self.convert.method, "label_policy": self.policy.policy,
+            "iou_threshold": self.policy.iou_threshold, "box_merge": self.policy.box_merge,
+            "samples_per_shard": self.samples_per_shard, "png_compress_level": self.png_compress_level,
+        }
+
+
+@dataclass(frozen=True)
+class Task:
+    """One image to convert, with its labels already decided (boxes in original pixels)."""
+
+    image_id: str
+    split: str
+    path: str
+    labels: Labels
+
+
+@dataclass(frozen=True)
+class Result:
+    image_id: str
+    sample: Sample | None
+    problem: Problem | None
+
+
+# ---------------------------------------------------------------- worker side
+
+_worker_cfg: PrepareConfig | None = None
+
+
+def _init_worker(cfg: PrepareConfig) -> None:
+    global _worker_cfg
+    _worker_cfg = cfg
+
+
+def convert_task(task: Task, cfg: PrepareConfig) -> Result:
+    """Decode and convert one DICOM and normalise its boxes; never raises for a bad file."""
+    try:
+        image = convert_dicom(Path(task.path), cfg.convert)
+    except DicomError as exc:
+        return Result(task.image_id, None, Problem(task.image_id, task.split, "bad_dicom", str(exc)))
+    except Exception as exc:  # noqa: BLE001 - one odd file among 18,000 must not end the run
+        reason = f"{task.path}: unexpected {type(exc).__name__} while converting: {exc}"
+        return Result(task.image_id, None, Problem(task.image_id, task.split, "bad_dicom", reason))
+    findings = []
+    for label, (x0, y0, x1, y1) in task.labels.findings:
+        if x1 > image.cols + BOX_TOLERANCE_PX or y1 > image.rows + BOX_TOLERANCE_PX:
+            reason = (f"{task.path}: {label} box {[x0, y0, x1, y1]} lies outside the image "
+                      f"({image.cols} x {image.rows} px)")
+            return Result(task.image_id, None, Problem(task.image_id, task.split, "bad_annotation", reason))
+        box = [min(x0 / image.cols, 1.0), min(y0 / image.rows, 1.0), min(x1 / image.cols, 1.0), min(y1 / image.rows, 1.0)]
+        findings.append({"label": label, "box": box})
+    meta = {
+        "image_id": task.image_id,
+        "split": task.split,
+        "source": {"rows": image.rows, "cols": image.cols, "photometric": image.photometric,
+                   "bits_stored": image.bits_stored, "transfer_syntax": image.transfer_syntax, "window": image.window},
+        "size": [int(image.pixels.shape[1]), int(image.pixels.shape[0])],
+        "findings": findings,
+        "diagnoses": task.labels.diagnoses,
+        "n_raters": task.labels.n_raters,
+    }
+    members = {"png": png_bytes(image.pixels, cfg.png_compress_level),
+               "json": json.dumps(meta, sort_keys=True).encode()}
+    return Result(task.image_id, Sample(task.image_id, members), None)
+
+
+def _convert_in_worker(task: Task) -> Result:
+    assert _worker_cfg is not None
+    return convert_task(task, _worker_cfg)
+
+
+# ---------------------------------------------------------------- main side
+
+def plan(records: list[ImageRecord], cfg: PrepareConfig) -> tuple[list[Task], list[Problem]]:
+    """Apply the label policy; returns the images to convert and those the policy drops."""
+    tasks, dropped = [], []
+    for record in records:
+        try:
+            labels = apply_policy(record, cfg.policy)
+        except Conflict as exc:
+            dropped.append(Problem(record.image_id, record.split, "label_policy", f"{record.image_id}: {exc}"))
+            continue
+        tasks.append(Task(record.image_id, record.split, str(record.path), labels))
+    return tasks, dropped
+
+
+def chunk(tasks: list[Task], size: int) -> list[tuple[str, list[Task]]]:
+    """Cut each split's tasks into consecutive shards; the assignment depends on the inputs alone."""
+    shards = []
+    for split in SPLITS:
+        in_split = [t for t in tasks if t.split == split]
+        for index, start in enumerate(range(0, len(in_split), size)):
+            shards.append((shard_name(split, index), in_split[start:start + size]))
+    return shards
+
+
+def inputs_fingerprint(tasks: list[Task], cfg: PrepareConfig) -> str:
+    digest = hashlib.sha256(json.dumps(cfg.params(), sort_keys=True).encode())
+    for t in tasks:
+        stat = os.stat(t.path)
+        digest.update(json.dumps([t.image_id, t.split, stat.st_size, stat.st_mtime_ns, asdict(t.labels)]).encode())
+    return digest.hexdigest()
+
+
+def _done_shards(out: Path, fingerprint: str) -> dict[str, dict]:
+    """Shards already written by an earlier run with the same inputs, verified by sha256."""
+    records: dict[str, dict] = {}
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        old = json.loads(manifest.read_text())
+        if old.get("inputs_sha256") == fingerprint:
+            for shard in old["shards"]:
+                dropped = [d for d in old["dropped"] if d.get("shard") == shard["name"]]
+                records[shard["name"]] = {**shard, "dropped": dropped}
+    partial = out / PARTIAL
+    if partial.is_dir() and (partial / "inputs_sha256").is_file() and (partial / "inputs_sha256").read_text() == fingerprint:
+        for path in sorted(partial.glob("*.json")):
+            record = json.loads(path.read_text())
+            records[record["name"]] = record
+    return {name: r for name, r in records.items() if (out / name).is_file() and sha256_file(out / name) == r["sha256"]}
+
+
+def _results(tasks: list[Task], cfg: PrepareConfig) -> Iterator[Result]:
+    if cfg.workers <= 1:
+        for task in tasks:
+            yield convert_task(task, cfg)
+        return
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,)) as pool:
+        yield from pool.imap(_convert_in_worker, tasks, chunksize=1)
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Build (or finish) the shard set; returns the manifest."""
+    records, problems = read_dataset(cfg.root, cfg.layout, cfg.holdout)
+    layout = cfg.layout if cfg.layout != "auto" else _layout_of(cfg.root)
+    tasks, policy_drops = plan(records, cfg)
+    fingerprint = inputs_fingerprint(tasks, cfg)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    done = _done_shards(cfg.out, fingerprint)
+    _clear_stale(cfg.out, keep=set(done))
+    partial = cfg.out / PARTIAL
+    partial.mkdir(exist_ok=True)
+    (partial / "inputs_sha256").write_text(fingerprint)
+
+    shards = chunk(tasks, cfg.samples_per_shard)
+    todo = [(name, members) for name, members in shards if name not in done]
+    bad = [p for p in problems if p.kind != "label_policy"]
+    for name in done:
+        bad.extend(Problem(d["image_id"], d["split"], d["kind"], d["reason"]) for d in done[name]["dropped"])
+    bar = tqdm(total=sum(len(m) for _, m in todo), unit="img", desc="prepare", dynamic_ncols=True,
+               initial=0, disable=None)
+    results = _results([t for _, members in todo for t in members], cfg)
+    for name, members in todo:
+        shard_drops: list[Problem] = []
+
+        def samples() -> Iterator[Sample]:
+            for _ in members:
+                result = next(results)
+                bar.update(1)
+                if result.problem is not None:
+                    shard_drops.append(result.problem)
+                    bad.append(result.problem)
+                    bar.set_postfix(dropped=len(bad) + len(policy_drops), refresh=False)
+                    tqdm.write(f"skipped {result.problem.reason}", file=sys.stderr)
+                    if cfg.max_bad is not None and len(bad) > cfg.max_bad:
+                        raise TooManyBad(f"more than --max-bad {cfg.max_bad} unusable inputs; last: {result.problem.reason}")
+                    continue
+                yield result.sample
+
+        count, digest = write_shard(cfg.out / name, samples())
+        record = {"name": name, "split": name.split("-")[0], "samples": count, "sha256": digest,
+                  "dropped": [{**p.as_dict(), "shard": name} for p in shard_drops]}
+        write_json_atomic(partial / f"{name}.json", record)
+        done[name] = record
+    bar.close()
+
+    manifest = build_manifest(cfg, layout, fingerprint, [done[n] for n, _ in shards], problems + policy_drops)
+    write_json_atomic(cfg.out / MANIFEST, manifest)
+    shutil.rmtree(partial, ignore_errors=True)
+    return manifest
+
+
+class TooManyBad(RuntimeError):
+    pass
+
+
+def _layout_of(root: Path) -> str:
+    from litegpt.sources import detect_layout
+
+    return detect_layout(root)
+
+
+def _clear_stale(out: Path, keep: set[str]) -> None:
+    """Remove shards, temp files and partial records that do not belong to the current inputs."""
+    for path in out.glob("*.tar"):
+        if path.name not in keep:
+            path.unlink()
+    for path in out.glob(".*.tmp"):
+        path.unlink()
+    partial = out / PARTIAL
+    if partial.is_dir():
+        for path in partial.glob("*.json"):
+            if path.stem not in keep:
+                path.unlink()
+
+
+def build_manifest(cfg: PrepareConfig, layout: str, fingerprint: str, shards: list[dict], dropped: list[Problem]) -> dict:
+    """Counts are recomputed from the written shards' JSON, not from the plan, so they describe the files."""
+    from litegpt.shards import iter_json
+
+    splits: dict[str, dict] = {}
+    for split in SPLITS:
+        stats = {"samples": 0, "images_with_findings": 0, "images": {}, "boxes": {}}
+        for shard in (s for s in shards if s["split"] == split):
+            for meta in iter_json(cfg.out / shard["name"]):
+                stats["samples"] += 1
+                stats["images_with_findings"] += bool(meta["findings"])
+                labels = {f["label"] for f in meta["findings"]} | set(meta["diagnoses"])
+                for label in labels:
+                    stats["images"][label] = stats["images"].get(label, 0) + 1
+                for f in meta["findings"]:
+                    stats["boxes"][f["label"]] = stats["boxes"].get(f["label"], 0) + 1
+        stats["images"] = {k: stats["images"][k] for k in ALL_LABELS if k in stats["images"]}
+        stats["boxes"] = {k: stats["boxes"][k] for k in ALL_LABELS if k in stats["boxes"]}
+        splits[split] = stats
+    all_dropped = sorted((p.as_dict() for p in dropped), key=lambda d: (d["split"], d["image_id"]))
+    all_dropped += [d for s in shards for d in s.get("dropped", [])]
+    return {
+        "format": FORMAT,
+        "litegpt_version": __version__,
+        "source": {"root": str(cfg.root), "layout": layout,
+                   "holdout": cfg.holdout if layout == "kaggle" else None,
+                   "global_labels": layout == "physionet"},
+        "params": cfg.params(),
+        "inputs_sha256": fingerprint,
+        "splits": splits,
+        "shards": [{k: s[k] for k in ("name", "split", "samples", "sha256")} for s in shards],
+        "dropped": sorted(all_dropped, key=lambda d: (d["split"], d["image_id"])),
+    }
+
+
+# ---------------------------------------------------------------- command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", type=Path, required=True, help="VinDr-CXR root (PhysioNet or Kaggle layout)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory, e.g. shards/vindr")
+    parser.add_argument("--layout", choices=("auto", "physionet", "kaggle"), default="auto")
+    parser.add_argument("--holdout", type=float, default=0.1,
+                        help="Kaggle layout only: fraction of image ids held out as the test split (default 0.1)")
+    parser.add_argument("--max-side", type=int, default=1024, help="longer image side in the shards (default 1024)")
+    parser.add_argument("--conversion", choices=("lut", "paper"), default="lut",
+                        help="lut: modality/VOI LUT as a viewer shows it (default); paper: appendix A.1 windowing")
+    parser.add_argument("--label-policy", choices=("drop", "union", "majority"), default="drop",
+                        help="how to combine raters (default drop: remove images where raters conflict, paper 4.2)")
+    parser.add_argument("--box-merge", choices=("medoid", "mean"), default="medoid",
+                        help="representative of overlapping boxes (default medoid: one of the input boxes)")
+    parser.add_argument("--iou-threshold", type=float, default=0.5)
+    parser.add_argument("--samples-per-shard", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
+    parser.add_argument("--max-bad", type=int, default=None,
+                        help="fail when more than this many inputs are unusable (default: no limit; all are listed)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.samples_per_shard < 1 or args.workers < 1 or args.max_side < 8:
+        print("litegpt prepare: --samples-per-shard and --workers must be >= 1, --max-side >= 8", file=sys.stderr)
+        return 2
+    cfg = PrepareConfig(
+        root=args.root, out=args.out, layout=args.layout, holdout=args.holdout,
+        convert=ConvertConfig(max_side=args.max_side, method=args.conversion),
+        policy=PolicyConfig(args.label_policy, args.iou_threshold, args.box_merge),
+        samples_per_shard=args.samples_per_shard, workers=args.workers, max_bad=args.max_bad,
+    )
+    try:
+        manifest = prepare(cfg)
+    except (DatasetError, TooManyBad) as exc:
+        print(f"litegpt prepare: {exc}", file=sys.stderr)
+        return 1
+    counts = {split: stats["samples"] for split, stats in manifest["splits"].items()}
+    total = sum(counts.values())
+    per_split = ", ".join(f"{split}: {n}" for split, n in counts.items())
+    print(f"wrote {total} samples in {len(manifest['shards'])} shards to {cfg.out} ({per_split}); "
+          f"dropped {len(manifest['dropped'])} (listed in {cfg.out / MANIFEST})")
+    if total == 0:
+        print("litegpt prepare: nothing usable remains", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,239 @@
+"""Readers for the two VinDr-CXR releases: PhysioNet (DICOM + four CSVs) and Kaggle VinBigData (train.csv).
+
+A reader turns a dataset root into `ImageRecord`s (one per image, every rater's annotations attached,
+coordinates still in original pixels) and a list of `Problem`s for what it could not use. It validates
+the CSVs' columns before anything else, so a wrong file stops the run at once with the column named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from litegpt.labels import GLOBAL_LABELS, KAGGLE_CLASSES, LOCAL_LABELS, NO_FINDING, UnknownLabel, canonical_label
+
+BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
+CONSENSUS = "consensus"  # rater name used where a CSV gives consensus labels with no rater column
+
+
+class DatasetError(ValueError):
+    """The dataset root or one of its CSVs cannot be used at all (missing file, missing column)."""
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One CSV row: a box of a local label by one rater, or a rater's `No finding` (box None)."""
+
+    rater: str
+    label: str
+    box: tuple[float, float, float, float] | None
+    file: str
+    row: int  # 1-based line number in the CSV (header is line 1)
+
+
+@dataclass
+class ImageRecord:
+    image_id: str
+    split: str
+    path: Path
+    annotations: list[Annotation] = field(default_factory=list)
+    # rater -> global labels set to 1 in image_labels_*.csv (None when the release has no global labels)
+    global_labels: dict[str, set[str]] | None = None
+    consensus: bool = False  # labels are a consensus as given (PhysioNet test): no rater policy applies
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something in the input that could not be used; it becomes a `dropped` entry of the manifest."""
+
+    image_id: str
+    split: str
+    kind: str  # missing_file | bad_annotation | bad_dicom | label_policy
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"image_id": self.image_id, "split": self.split, "kind": self.kind, "reason": self.reason}
+
+
+def detect_layout(root: Path) -> str:
+    if (root / "annotations" / "annotations_train.csv").is_file():
+        return "physionet"
+    if (root / "train.csv").is_file():
+        return "kaggle"
+    raise DatasetError(
+        f"{root}: not a VinDr-CXR root: expected annotations/annotations_train.csv (PhysioNet layout) "
+        "or train.csv (Kaggle VinBigData layout)"
+    )
+
+
+def read_dataset(root: Path, layout: str = "auto", holdout: float = 0.1) -> tuple[list[ImageRecord], list[Problem]]:
+    """All images of a VinDr-CXR root, sorted by (split, image_id), and the problems met while reading."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset root does not exist")
+    layout = detect_layout(root) if layout == "auto" else layout
+    if layout == "physionet":
+        records, problems = _read_physionet(root)
+    elif layout == "kaggle":
+        records, problems = _read_kaggle(root, holdout)
+    else:
+        raise DatasetError(f"unknown layout {layout!r}; expected auto, physionet or kaggle")
+    records.sort(key=lambda r: (r.split, r.image_id))
+    return records, problems
+
+
+def holdout_split(image_id: str, fraction: float) -> str:
+    """Deterministic train/test assignment from the id alone, so it never changes between runs or machines."""
+    digest = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big")
+    return "test" if digest / 2**64 < fraction else "train"
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    try:
+        frame = pd.read_csv(path, dtype={"image_id": str, "rad_id": str, "rad_ID": str, "class_name": str})
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise DatasetError(f"{path}: not a readable CSV ({exc})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if "rad_ID" in frame.columns and "rad_id" not in frame.columns:
+        frame = frame.rename(columns={"rad_ID": "rad_id"})
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DatasetError(f"{path}: missing required column(s) {', '.join(missing)}; found {', '.join(frame.columns)}")
+    return frame
+
+
+def _parse_box_rows(
+    frame: pd.DataFrame, path: Path, split: str, default_rater: str | None, class_names: dict[int, str] | None = None
+) -> tuple[dict[str, list[Annotation]], dict[str, str]]:
+    """Annotations per image id, and per image id the first reason it cannot be used (bad rows)."""
+    by_image: dict[str, list[Annotation]] = {}
+    bad: dict[str, str] = {}
+    has_rater = "rad_id" in frame.columns
+    for line, row in zip(range(2, len(frame) + 2), frame.itertuples(index=False)):
+        image_id = str(row.image_id).strip()
+        where = f"{path.name} row {line}"
+        rater = str(row.rad_id).strip() if has_rater and not _isnan(row.rad_id) else (default_rater or CONSENSUS)
+        try:
+            label = canonical_label(row.class_name)
+            if class_names is not None and int(row.class_id) in class_names and class_names[int(row.class_id)] != label:
+                raise ValueError(f"class_id {row.class_id} is {class_names[int(row.class_id)]!r}, not {label!r}")
+            coords = [getattr(row, c) for c in BOX_COLUMNS]
+            if label == NO_FINDING:
+                box = None
+            elif label not in LOCAL_LABELS:
+                raise ValueError(f"{label!r} is a global label, it cannot have a box")
+            else:
+                box = _valid_box(coords)
+        except (UnknownLabel, ValueError, TypeError) as exc:
+            bad.setdefault(image_id, f"{where}: {exc}")
+            continue
+        by_image.setdefault(image_id, []).append(Annotation(rater, label, box, path.name, line))
+    return by_image, bad
+
+
+def _valid_box(coords: list) -> tuple[float, float, float, float]:
+    values = [float(v) for v in coords]
+    if any(math.isnan(v) or math.isinf(v) for v in values):
+        raise ValueError(f"box {coords} has missing coordinates")
+    x0, y0, x1, y1 = values
+    if min(values) < 0:
+        raise ValueError(f"box {coords} has negative coordinates")
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"box {coords} has x_max <= x_min or y_max <= y_min")
+    return (x0, y0, x1, y1)
+
+
+def _isnan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _read_physionet(root: Path) -> tuple[list[ImageRecord], list[Problem]]:
+    ann_dir = root / "annotations"
+    records: list[ImageRecord] = []
+    problems: list[Problem] = []
+    label_columns = LOCAL_LABELS + GLOBAL_LABELS
+    frames = {}
+    # Validate all four CSVs before any work, so a wrong file stops the run with the column named.
+    for split in ("train", "test"):
+        boxes = _read_csv(ann_dir / f"annotations_{split}.csv", ("image_id", "class_name") + BOX_COLUMNS)
+        labels = _read_csv(ann_dir / f"image_labels_{split}.csv", ("image_id",))
+        labels = labels.rename(columns={c: canonical_label(c) for c in labels.columns if _is_label(c)})
+        missing = [c for c in label_columns if c not in labels.columns]
+        if missing:
+            raise DatasetError(f"{ann_dir / f'image_labels_{split}.csv'}: missing required column(s) {', '.join(missing)}")
+        frames[split] = (boxes, labels)
+    for split, (boxes, labels) in frames.items():
+        box_path = ann_dir / f"annotations_{split}.csv"
+        consensus = split == "test"
+        by_image, bad = _parse_box_rows(boxes, box_path, split, CONSENSUS if consensus else None)
+        global_by_image: dict[str, dict[str, set[str]]] = {}
+        has_rater = "rad_id" in labels.columns and not consensus
+        for row in labels.itertuples(index=False):
+            values = dict(zip(labels.columns, row))
+            rater = str(values["rad_id"]).strip() if has_rater else CONSENSUS
+            chosen = {g for g in GLOBAL_LABELS if _flag(values[g])}
+            global_by_image.setdefault(str(values["image_id"]).strip(), {})[rater] = chosen
+        ids = sorted(set(by_image) | set(bad) | set(global_by_image))
+        files = {p.stem: p for p in (root / split).glob("*.dicom")} if (root / split).is_dir() else {}
+        for image_id in ids:
+            path = files.get(image_id)
+            if path is None:
+                problems.append(Problem(image_id, split, "missing_file",
+                                        f"{box_path.name} names image {image_id} but {split}/{image_id}.dicom does not exist"))
+            elif image_id in bad:
+                problems.append(Problem(image_id, split, "bad_annotation", bad[image_id]))
+            elif image_id not in by_image:
+                problems.append(Problem(image_id, split, "bad_annotation",
+                                        f"{box_path.name} has no row for image {image_id}"))
+            else:
+                records.append(ImageRecord(image_id, split, path, by_image[image_id],
+                                           global_by_image.get(image_id, {}), consensus))
+        for orphan in sorted(set(files) - set(ids)):
+            problems.append(Problem(orphan, split, "bad_annotation",
+                                    f"{split}/{orphan}.dicom has no row in {box_path.name}"))
+    return records, problems
+
+
+def _is_label(column: str) -> bool:
+    try:
+        canonical_label(column)
+        return True
+    except UnknownLabel:
+        return False
+
+
+def _flag(value) -> bool:
+    try:
+        return float(value) >= 0.5
+    except (TypeError, ValueError):
+        return False
+
+
+def _read_kaggle(root: Path, holdout: float) -> tuple[list[ImageRecord], list[Problem]]:
+    if not 0.0 < holdout < 1.0:
+        raise DatasetError(f"--holdout must be a fraction between 0 and 1, got {holdout}")
+    path = root / "train.csv"
+    frame = _read_csv(path, ("image_id", "class_name", "class_id", "rad_id") + BOX_COLUMNS)
+    by_image, bad = _parse_box_rows(frame, path, "train", None, dict(enumerate(KAGGLE_CLASSES)))
+    files = {p.stem: p for p in (root / "train").glob("*.dicom")} if (root / "train").is_dir() else {}
+    records: list[ImageRecord] = []
+    problems: list[Problem] = []
+    for image_id in sorted(set(by_image) | set(bad)):
+        split = holdout_split(image_id, holdout)
+        if image_id not in files:
+            problems.append(Problem(image_id, split, "missing_file",
+                                    f"{path.name} names image {image_id} but train/{image_id}.dicom does not exist"))
+        elif image_id in bad:
+            problems.append(Problem(image_id, split, "bad_annotation", bad[image_id]))
+        else:
+            records.append(ImageRecord(image_id, split, files[image_id], by_image[image_id], None, False))
+    for orphan in sorted(set(files) - set(by_image) - set(bad)):
+        problems.append(Problem(orphan, holdout_split(orphan, holdout), "bad_annotation",
+                                f"train/{orphan}.dicom has no row in {path.name}"))
+    return records, problems

@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -26,8 +26,9 @@ from litegpt import __version__
 from litegpt.dicom import ConvertConfig, DicomError, convert_dicom
 from litegpt.labels import ALL_LABELS
 from litegpt.policy import Conflict, Labels, PolicyConfig, apply_policy
-from litegpt.shards import FORMAT, MANIFEST, SPLITS, Sample, png_bytes, sha256_file, shard_name, write_json_atomic, write_shard
-from litegpt.sources import DatasetError, ImageRecord, Problem, read_dataset
+from litegpt.shards import (FORMAT, MANIFEST, SPLITS, Sample, iter_json, png_bytes, sha256_file, shard_name,
+                            write_json_atomic, write_shard)
+from litegpt.sources import DatasetError, ImageRecord, Problem, detect_layout, read_dataset
 
 PARTIAL = ".partial"
 BOX_TOLERANCE_PX = 1.0  # boxes may overrun the image by rounding; more than this is an annotation error
@@ -183,8 +184,9 @@ def _results(tasks: list[Task], cfg: PrepareConfig) -> Iterator[Result]:
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Build (or finish) the shard set; returns the manifest."""
+    if cfg.layout == "auto":
+        cfg = replace(cfg, layout=detect_layout(cfg.root))
     records, problems = read_dataset(cfg.root, cfg.layout, cfg.holdout)
-    layout = cfg.layout if cfg.layout != "auto" else _layout_of(cfg.root)
     tasks, policy_drops = plan(records, cfg)
     fingerprint = inputs_fingerprint(tasks, cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +228,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         done[name] = record
     bar.close()
 
-    manifest = build_manifest(cfg, layout, fingerprint, [done[n] for n, _ in shards], problems + policy_drops)
+    manifest = build_manifest(cfg, fingerprint, [done[n] for n, _ in shards], problems + policy_drops)
     write_json_atomic(cfg.out / MANIFEST, manifest)
     shutil.rmtree(partial, ignore_errors=True)
     return manifest
@@ -234,12 +236,6 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 class TooManyBad(RuntimeError):
     pass
-
-
-def _layout_of(root: Path) -> str:
-    from litegpt.sources import detect_layout
-
-    return detect_layout(root)
 
 
 def _clear_stale(out: Path, keep: set[str]) -> None:
@@ -256,10 +252,8 @@ def _clear_stale(out: Path, keep: set[str]) -> None:
                 path.unlink()
 
 
-def build_manifest(cfg: PrepareConfig, layout: str, fingerprint: str, shards: list[dict], dropped: list[Problem]) -> dict:
+def build_manifest(cfg: PrepareConfig, fingerprint: str, shards: list[dict], dropped: list[Problem]) -> dict:
     """Counts are recomputed from the written shards' JSON, not from the plan, so they describe the files."""
-    from litegpt.shards import iter_json
-
     splits: dict[str, dict] = {}
     for split in SPLITS:
         stats = {"samples": 0, "images_with_findings": 0, "images": {}, "boxes": {}}
@@ -280,9 +274,9 @@ def build_manifest(cfg: PrepareConfig, layout: str, fingerprint: str, shards: li
     return {
         "format": FORMAT,
         "litegpt_version": __version__,
-        "source": {"root": str(cfg.root), "layout": layout,
-                   "holdout": cfg.holdout if layout == "kaggle" else None,
-                   "global_labels": layout == "physionet"},
+        "source": {"root": str(cfg.root), "layout": cfg.layout,
+                   "holdout": cfg.holdout if cfg.layout == "kaggle" else None,
+                   "global_labels": cfg.layout == "physionet"},
         "params": cfg.params(),
         "inputs_sha256": fingerprint,
         "splits": splits,

@@ -12,11 +12,11 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import webdataset as wds
 
 MANIFEST = "manifest.json"
 FORMAT = "litegpt-shards/1"
@@ -48,18 +48,22 @@ class Sample:
 def write_shard(path: Path, samples: Iterable[Sample]) -> tuple[int, str]:
     """Write samples to `path` atomically (temp name, fsync, rename); returns (count, sha256).
 
-    Fixed mtime, owner and mode make the bytes depend on the samples alone.
+    Plain tarfile (what webdataset's TarWriter wraps) keeps torch out of the workers' imports; fixed mtime,
+    owner and mode make the bytes depend on the samples alone.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     count = 0
     try:
-        with open(tmp, "wb") as fh:
-            writer = wds.TarWriter(fh, mtime=0.0, user="litegpt", group="litegpt", mode=0o444, encoder=False)
+        with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for sample in samples:
-                writer.write({"__key__": sample.key, **sample.members})
+                for ext, data in sample.members.items():
+                    info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o444
+                    info.uname = info.gname = "litegpt"
+                    tar.addfile(info, io.BytesIO(data))
                 count += 1
-            writer.close()
+            tar.close()
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
@@ -103,6 +107,8 @@ def iter_samples(directory: Path, split: str) -> Iterator[dict]:
     paths = shard_paths(directory, split)
     if not paths:
         return iter(())
+    import webdataset as wds  # imports torch: only where samples are read
+
     dataset = wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False).decode("pill")
     return iter(dataset)
 
@@ -117,8 +123,6 @@ def png_bytes(pixels, compress_level: int) -> bytes:
 
 def iter_json(path: Path) -> Iterator[dict]:
     """The `json` member of every sample of one tar, without decoding images."""
-    import tarfile
-
     with tarfile.open(path) as tar:
         for member in tar:
             if member.name.endswith(".json"):

@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -87,7 +89,9 @@ def _init_worker(cfg: PrepareConfig) -> None:
 def convert_task(task: Task, cfg: PrepareConfig) -> Result:
     """Decode and convert one DICOM and normalise its boxes; never raises for a bad file."""
     try:
-        image = convert_dicom(Path(task.path), cfg.convert)
+        with warnings.catch_warnings():  # pydicom warns about damaged files; the manifest records them instead
+            warnings.simplefilter("ignore")
+            image = convert_dicom(Path(task.path), cfg.convert)
     except DicomError as exc:
         return Result(task.image_id, None, Problem(task.image_id, task.split, "bad_dicom", str(exc)))
     except Exception as exc:  # noqa: BLE001 - one odd file among 18,000 must not end the run
@@ -187,6 +191,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.layout == "auto":
         cfg = replace(cfg, layout=detect_layout(cfg.root))
     records, problems = read_dataset(cfg.root, cfg.layout, cfg.holdout)
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # decoder tracebacks for files we skip and list anyway
     tasks, policy_drops = plan(records, cfg)
     fingerprint = inputs_fingerprint(tasks, cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)

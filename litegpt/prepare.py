@@ -134,7 +134,7 @@ def plan(records: list[ImageRecord], cfg: PrepareConfig) -> tuple[list[Task], li
         try:
             labels = apply_policy(record, cfg.policy)
         except Conflict as exc:
-            dropped.append(Problem(record.image_id, record.split, "label_policy", f"{record.image_id}: {exc}"))
+            dropped.append(Problem(record.image_id, record.split, "label_policy", f"{record.annotations[0].file}: {exc}"))
             continue
         tasks.append(Task(record.image_id, record.split, str(record.path), labels))
     return tasks, dropped

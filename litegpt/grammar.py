@@ -12,7 +12,8 @@ Decisions:
   shows. Findings are ordered by LOCAL_LABELS, then by quantised box, so the text never depends on
   input order.
 - An image without findings gets NO_FINDINGS_ANSWER in stage 1 and "... are No finding." in stage 2;
-  both parse to the label NO_FINDING.
+  both parse to the label NO_FINDING. An image with local findings but no global disease gets
+  NO_DIAGNOSIS_ANSWER ("... are none.") in stage 2, which parses to no label at all.
 - Parsing: a box that is not exactly four integers in 0..100 is not a finding. Its text goes to
   `unparsed` rather than being clamped, which would invent a box the model never produced; its label
   still counts as mentioned. `<p>` entries also accept `<delim>` or commas between several boxes.
@@ -49,6 +50,8 @@ LOCAL_PREFIX = "Local diseases of this chest radiograph are"
 GLOBAL_PREFIX = "Global diseases of this chest radiograph are"
 NO_FINDINGS_PREFIX = "The chest radiograph shows"
 NO_FINDINGS_ANSWER = f"{NO_FINDINGS_PREFIX} no findings."
+# Stage 2 for an image with local findings but none of the five global diseases: not "No finding".
+NO_DIAGNOSIS_ANSWER = f"{GLOBAL_PREFIX} none."
 
 Box = tuple[int, int, int, int]
 _TASK_TOKEN = re.compile(r"\[[a-z_]+\]")
@@ -99,12 +102,12 @@ def render_findings(findings: Iterable[tuple[str, Sequence[float]]]) -> str:
 def render_diagnoses(labels: Iterable[str]) -> str:
     """Stage-2 target: global labels, deduplicated, in GLOBAL_LABELS order.
 
-    Refuses an empty list: an image with local findings but no diagnosis is not "No finding", so the
-    caller (label policy, data loader) must decide what such an image teaches.
+    An empty list (an image with local findings but no global disease; the label policy gives
+    ["No finding"] only to images with nothing at all) gives NO_DIAGNOSIS_ANSWER, which parses to no label.
     """
     names = {canonical_label(name) for name in labels}
     if not names:
-        raise ValueError(f"no global labels; a stage-2 target needs one ([{NO_FINDING!r}] for a normal image)")
+        return NO_DIAGNOSIS_ANSWER
     not_global = sorted(names - set(GLOBAL_LABELS))
     if not_global:
         raise ValueError(f"not global labels: {not_global}; expected {', '.join(GLOBAL_LABELS)}")
@@ -151,7 +154,7 @@ _LABEL_PATTERN = rf"(?<!\w)(?:{_LABELS})s?(?!\w)"
 _LABEL_RE = re.compile(_LABEL_PATTERN, re.IGNORECASE)
 _BOX_RE = re.compile(r"\{[^{}]*\}")
 _COORDS_RE = re.compile(r"\s*" + r"\s*".join([r"<\s*([0-9]{1,3})\s*>"] * 4) + r"\s*")
-_PHRASES = "|".join(_words(p) for p in (LOCAL_PREFIX, GLOBAL_PREFIX, NO_FINDINGS_PREFIX))
+_PHRASES = "|".join(_words(p) for p in (NO_DIAGNOSIS_ANSWER[:-1], LOCAL_PREFIX, GLOBAL_PREFIX, NO_FINDINGS_PREFIX))
 _TOKEN_RE = re.compile(
     rf"(?P<entry><p>(?P<name>[^<>{{}}]*)</p>(?P<boxes>(?:\s*(?:(?:<delim>|,)\s*)?{_BOX_RE.pattern})*))"
     rf"|(?P<box>{_BOX_RE.pattern})"

@@ -84,7 +84,14 @@ def test_stage2_answer_and_spellings():
     assert render_diagnoses([NO_FINDING]) == "Global diseases of this chest radiograph are No finding."
 
 
-@pytest.mark.parametrize("labels", [[], ["Cardiomegaly"], ["No finding", "COPD"], ["Pneumonitis"]])
+def test_findings_without_diagnosis_get_a_parseable_answer_that_is_not_no_finding():
+    text = render_diagnoses([])
+    assert text == "Global diseases of this chest radiograph are none."
+    parsed = parse(text)
+    assert parsed.labels == [] and parsed.complete
+
+
+@pytest.mark.parametrize("labels", [["Cardiomegaly"], ["No finding", "COPD"], ["Pneumonitis"]])
 def test_bad_diagnoses_are_refused(labels):
     with pytest.raises(ValueError):
         render_diagnoses(labels)

@@ -1,0 +1,69 @@
+"""Where this process sits in the job: the one place that reads launcher environments.
+
+`deepspeed`, `torchrun` and `srun` each describe the job differently; this module maps all of them to
+RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (what torch.distributed and DeepSpeed read),
+and a plain `python train.py` becomes a world of one with its own rendezvous.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # deepspeed | torchrun | slurm | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _slurm_master(env: dict[str, str]) -> str:
+    """First host of the allocation (`scontrol show hostnames` expands ranges such as node[01-04])."""
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0]
+
+
+def detect(env: dict[str, str] | None = None, local_rank_arg: int | None = None) -> DistEnv:
+    """Read the launcher's variables (without changing anything)."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:  # deepspeed / torchrun, or already mapped
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
+        local = int(env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+        return DistEnv(int(env["RANK"]), local, int(env["WORLD_SIZE"]), env.get("MASTER_ADDR", "127.0.0.1"),
+                       int(env.get("MASTER_PORT", 29500)), launcher)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun, one task per GPU
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        port = int(env.get("MASTER_PORT", 20000 + job % 20000))  # same on every task of the job
+        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
+                       env.get("MASTER_ADDR") or _slurm_master(env), port, "slurm")
+    return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "single")
+
+
+def export(dist: DistEnv) -> None:
+    """Write the mapping into os.environ, where torch.distributed and DeepSpeed look for it."""
+    os.environ.update({
+        "RANK": str(dist.rank), "LOCAL_RANK": str(dist.local_rank), "WORLD_SIZE": str(dist.world_size),
+        "MASTER_ADDR": dist.master_addr, "MASTER_PORT": str(dist.master_port),
+    })

@@ -1,0 +1,158 @@
+"""The training data stream: WebDataset shards -> batches of `TrainSample`, the same on every restart.
+
+Per epoch: the shard list is shuffled with (seed, epoch), dealt round-robin to ranks, then to loader
+workers; each worker cycles over its shards so that every rank yields exactly `batches_per_epoch`
+micro-batches (DeepSpeed hangs if one rank stops early; open_clip does the same); samples are shuffled in
+a buffer and grouped by answer length to cut padding. Everything random is seeded from (seed, epoch), so
+a resumed run skips the batches it had consumed and then sees exactly what an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+from litegpt.features import decode_features
+from litegpt.grammar import render_answer, render_prompt
+from litegpt.model import TrainSample
+from litegpt.shards import iter_json, read_manifest
+
+Decode = Callable[[dict], dict[str, torch.Tensor]]  # raw tar members -> visual input per encoder
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    urls: tuple[str, ...]  # shard files of the split
+    n_samples: int  # samples per epoch before splitting across ranks (after the findings filter, x tasks)
+    tasks: tuple[str, ...]
+    task_token: str | None
+    findings_only: bool
+    features: bool  # cached features (True) or images through the encoders' preprocessing (False)
+    micro_batch: int
+    seed: int
+    shuffle_buffer: int
+    length_group: int
+    num_workers: int
+
+
+def eligible_counts(shards: Path, split: str, findings_only: bool) -> dict[str, int]:
+    """Per image shard of `split`, how many samples a stage trains on (those with findings, or all).
+
+    Shards with none are left out of the stream, so no loader worker can spin on an empty pass.
+    """
+    manifest = read_manifest(shards)
+    return {s["name"]: (sum(bool(m["findings"]) for m in iter_json(Path(shards) / s["name"])) if findings_only
+                        else s["samples"]) for s in manifest["shards"] if s["split"] == split}
+
+
+def feature_visual(sample: dict) -> dict[str, torch.Tensor]:
+    return decode_features({k: v for k, v in sample.items() if k == "json" or k.endswith(".npy")})[1]
+
+
+def image_visual(preprocess: Callable[[Image.Image], dict[str, torch.Tensor]]) -> Decode:
+    def decode(sample: dict) -> dict[str, torch.Tensor]:
+        with Image.open(io.BytesIO(sample["png"])) as image:
+            return preprocess(image)
+
+    return decode
+
+
+class TrainStream:
+    """Batches for one rank; `epoch(e, skip)` is deterministic for a given (seed, world size, workers)."""
+
+    def __init__(self, spec: StreamSpec, rank: int, world_size: int, visual: Decode):
+        if len(spec.urls) < world_size:
+            raise ValueError(f"{len(spec.urls)} shard(s) cannot feed {world_size} ranks: re-run `litegpt prepare` "
+                             f"with a smaller --samples-per-shard (at least one shard per rank is needed)")
+        self.spec, self.rank, self.world_size, self.visual = spec, rank, world_size, visual
+        self.batches_per_epoch = spec.n_samples // (world_size * spec.micro_batch)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{spec.n_samples} samples give no full batch of {spec.micro_batch} on each of "
+                             f"{world_size} ranks; lower train.micro_batch or add data")
+
+    def _samples(self, raw: dict) -> list[TrainSample]:
+        meta = json.loads(raw["json"])
+        if self.spec.findings_only and not meta["findings"]:
+            return []
+        visual = self.visual(raw)
+        key = "features" if self.spec.features else "pixels"
+        return [TrainSample(f"{meta['image_id']}/{task}", render_prompt(task, self.spec.task_token if task == "identify"
+                                                                        else None),
+                            render_answer(task, meta), **{key: visual}) for task in self.spec.tasks]
+
+    def _pipeline(self, epoch: int) -> wds.DataPipeline:
+        spec = self.spec
+        seed = spec.seed * 1_000_003 + epoch
+        return wds.DataPipeline(
+            wds.SimpleShardList(list(spec.urls)),
+            wds.detshuffle(bufsize=len(spec.urls), initial=len(spec.urls), seed=seed, epoch=-1),
+            _take_every(self.rank, self.world_size),
+            wds.split_by_worker,
+            _cycle(self._samples),
+            wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, seed=seed * 7919 + self.rank),
+            _length_batches(spec.micro_batch, spec.length_group, seed * 104729 + self.rank),
+        )
+
+    def epoch(self, epoch: int, skip: int = 0, stop: int | None = None) -> Iterator[list[TrainSample]]:
+        """Micro-batches `skip` (consumed before a restart) to `stop` of `epoch` for this rank."""
+        workers = min(self.spec.num_workers, len(self.spec.urls[self.rank::self.world_size]))
+        loader = torch.utils.data.DataLoader(self._pipeline(epoch), batch_size=None, num_workers=workers,
+                                             collate_fn=_as_is, persistent_workers=False)
+        return itertools.islice(iter(loader), skip, self.batches_per_epoch if stop is None else stop)
+
+
+def _as_is(batch):
+    return batch
+
+
+def _take_every(rank: int, world_size: int):
+    def stage(src):
+        yield from itertools.islice(src, rank, None, world_size)
+
+    return stage
+
+
+def _cycle(to_samples: Callable[[dict], list[TrainSample]]):
+    """Read a worker's shards over and over (the caller takes a fixed number of batches).
+
+    Stops only if a whole pass gives no sample (e.g. no image with findings in these shards), which
+    would otherwise spin forever.
+    """
+    def stage(src):
+        shards = list(src)
+        while shards:
+            produced = 0
+            for raw in wds.tarfile_to_samples()(iter(shards)):
+                for sample in to_samples(raw):
+                    produced += 1
+                    yield sample
+            if produced == 0:
+                return
+
+    return stage
+
+
+def _length_batches(micro_batch: int, group: int, seed: int):
+    """Sort windows of `group` batches by answer length, cut them into batches, shuffle the batches."""
+    def stage(src):
+        rng = random.Random(seed)
+        window: list[TrainSample] = []
+        for sample in src:
+            window.append(sample)
+            if len(window) == micro_batch * group:
+                window.sort(key=lambda s: len(s.answer))
+                batches = [window[i:i + micro_batch] for i in range(0, len(window), micro_batch)]
+                rng.shuffle(batches)
+                yield from batches
+                window = []
+
+    return stage

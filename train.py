@@ -55,23 +55,26 @@ def main(argv: list[str] | None = None) -> int:
     from litegpt.model_config import ConfigError, load_model_config
     from litegpt.train_config import deepspeed_config, load_train_config
 
+    from litegpt import distributed
+
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    dist_env = distributed.detect(local_rank_arg=args.local_rank)
     try:
         cfg = load_train_config(args.config, args.set)
         model_cfg = load_model_config(cfg.model)
         ds_base = json.loads(args.deepspeed.read_text())
         check_inputs(cfg)
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu
+                                                  and torch.cuda.is_bf16_supported())
+        ds_config = deepspeed_config(ds_base, cfg, dist_env.world_size, bf16)
     except (ConfigError, OSError, json.JSONDecodeError, ValueError) as exc:
         print(f"train.py: {exc}", file=sys.stderr)
         return 2
 
     # ---- ranks
-    from litegpt import distributed
-
-    dist_env = distributed.detect(local_rank_arg=args.local_rank)
     distributed.export(dist_env)
-    import torch
-
-    on_gpu = torch.cuda.is_available()
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -84,8 +87,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(dist_env.local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
-    ds_config = deepspeed_config(ds_base, cfg, world, bf16)
 
     # ---- data: the feature cache (built once, by all ranks) and the stream
     from litegpt.data import StreamSpec, TrainStream, eligible_counts, feature_visual, image_visual

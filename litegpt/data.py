@@ -105,8 +105,11 @@ class TrainStream:
     def epoch(self, epoch: int, skip: int = 0, stop: int | None = None) -> Iterator[list[TrainSample]]:
         """Micro-batches `skip` (consumed before a restart) to `stop` of `epoch` for this rank."""
         workers = min(self.spec.num_workers, len(self.spec.urls[self.rank::self.world_size]))
+        # Its own generator: the loader must not draw from the global RNG, which LoRA dropout uses and a
+        # resumed run restores.
+        generator = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + epoch)
         loader = torch.utils.data.DataLoader(self._pipeline(epoch), batch_size=None, num_workers=workers,
-                                             collate_fn=_as_is, persistent_workers=False)
+                                             collate_fn=_as_is, persistent_workers=False, generator=generator)
         return itertools.islice(iter(loader), skip, self.batches_per_epoch if stop is None else stop)
 
 

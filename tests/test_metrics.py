@@ -1,0 +1,340 @@
+"""Metrics against independent computations: hand-built indicator matrices fed to sklearn, hand-written
+IoU loops, AP worked out by hand, and direct calls of rouge_score / pycocoevalcap on hand-stripped text."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import classification_report
+
+from litegpt import metrics
+from litegpt.labels import GLOBAL_LABELS, LOCAL_LABELS
+from litegpt.metrics import Prediction, compute_metrics
+
+L = "Local diseases of this chest radiograph are"
+G = "Global diseases of this chest radiograph are"
+
+
+def record(image_id, task, output, target="", findings=(), diagnoses=(), box_scores=None) -> Prediction:
+    """`findings` as (label, (x0, y0, x1, y1) in 0..100 integers); stored normalised like the shards."""
+    return Prediction(
+        image_id, task, output, target,
+        [{"label": lab, "box": [v / 100 for v in box]} for lab, box in findings], list(diagnoses),
+        box_scores=box_scores,
+    )
+
+
+def entry(label: str, box) -> str:
+    return f"<p>{label}</p> {{<{box[0]}><{box[1]}><{box[2]}><{box[3]}>}}"
+
+
+def identify(*entries: str) -> str:
+    return f"{L} {','.join(entries)}."
+
+
+# ---- records, labels, classification ------------------------------------------------------------------
+
+CLASSIFICATION_RECORDS = [
+    record("a", "identify", identify(entry("Cardiomegaly", (38, 49, 82, 63))) + " Mild changes.",
+           findings=[("Cardiomegaly", (38, 49, 82, 63)), ("Aortic enlargement", (53, 28, 65, 36))],
+           diagnoses=["Pneumonia"]),
+    record("a", "vqa", f"{G} Pneumonia, Other diseases.", diagnoses=["Pneumonia"]),
+    record("b", "identify", "The chest radiograph shows no findings, not edematous.", diagnoses=["No finding"]),
+    record("b", "vqa", f"{G} No finding.", diagnoses=["No finding"]),
+    record("c", "identify",
+           identify(entry("Pleural effusion", (10, 60, 30, 80)), entry("Nodule/Mass", (50, 20, 60, 30))),
+           findings=[("Pleural effusion", (10, 60, 30, 80))], diagnoses=["Lung tumor", "Tuberculosis"]),
+    record("c", "vqa", f"{G} Lung tumor, nontuberculosis.", diagnoses=["Lung tumor", "Tuberculosis"]),
+    record("d", "identify", "The chest radiograph shows no findings.",
+           findings=[("Rib fracture", (5, 5, 9, 9))], diagnoses=["Other disease"]),
+]
+
+
+def indicator(rows: list[set[str]], names) -> np.ndarray:
+    return np.array([[int(n in row) for n in names] for row in rows])
+
+
+def sklearn_report(truth, predicted, names) -> dict:
+    report = classification_report(indicator(truth, names), indicator(predicted, names), target_names=list(names),
+                                   output_dict=True, zero_division=0)
+    return json.loads(json.dumps(report, default=float))
+
+
+@pytest.fixture(scope="module")
+def classified() -> dict:
+    return compute_metrics(CLASSIFICATION_RECORDS)
+
+
+def test_local_labels_reference_takes_substrings_strict_takes_words(classified):
+    truth = [{"Cardiomegaly", "Aortic enlargement"}, set(), {"Pleural effusion"}, {"Rib fracture"}]
+    # "Mild" contains "ild", "edematous" contains "edema": the authors' rule predicts both; whole words do not.
+    reference = [{"Cardiomegaly", "ILD"}, {"Edema"}, {"Pleural effusion", "Nodule/Mass"}, set()]
+    strict = [{"Cardiomegaly"}, set(), {"Pleural effusion", "Nodule/Mass"}, set()]
+    assert classified["reference"]["classification"]["local"] == sklearn_report(truth, reference, LOCAL_LABELS)
+    assert classified["strict"]["classification"]["local"] == sklearn_report(truth, strict, LOCAL_LABELS)
+    assert classified["reference"]["classification"]["local"]["ILD"]["precision"] == 0.0
+    assert classified["reference"]["classification"]["local"]["micro avg"]["precision"] == pytest.approx(2 / 5)
+    assert classified["strict"]["classification"]["local"]["micro avg"]["precision"] == pytest.approx(2 / 3)
+
+
+def test_global_labels_and_finding_from_vqa_else_identify(classified):
+    truth = [{"Pneumonia"}, {"No finding"}, {"Lung tumor", "Tuberculosis"}]
+    reference = [{"Pneumonia", "Other disease"}, {"No finding"}, {"Lung tumor", "Tuberculosis"}]
+    strict = [{"Pneumonia", "Other disease"}, {"No finding"}, {"Lung tumor"}]
+    assert classified["reference"]["classification"]["global"] == sklearn_report(truth, reference, GLOBAL_LABELS)
+    assert classified["strict"]["classification"]["global"] == sklearn_report(truth, strict, GLOBAL_LABELS)
+    # a, b, c from their vqa answers; d has only an identify answer, which says "no findings".
+    names = ("Finding", "No finding")
+    finding = sklearn_report([{"Finding"}, {"No finding"}, {"Finding"}, {"Finding"}],
+                             [{"Finding"}, {"No finding"}, {"Finding"}, {"No finding"}], names)
+    assert classified["reference"]["classification"]["finding"] == finding
+    assert classified["strict"]["classification"]["finding"] == finding
+    assert finding["Finding"]["recall"] == pytest.approx(2 / 3)
+    assert classified["counts"]["finding_from"] == {"vqa": 3, "identify": 1}
+
+
+def test_metrics_are_json_serialisable(classified):
+    assert json.loads(json.dumps(classified, allow_nan=False)) == classified
+
+
+def test_prediction_json_roundtrip_and_refusals(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    metrics.write_predictions(path, CLASSIFICATION_RECORDS)
+    assert metrics.read_predictions(path) == CLASSIFICATION_RECORDS
+    line = CLASSIFICATION_RECORDS[0].to_json()
+    with pytest.raises(ValueError, match="unknown keys"):
+        Prediction.from_json(line[:-1] + ', "extra": 1}')
+    with pytest.raises(ValueError, match="unknown task"):
+        record("x", "caption", "")
+    with pytest.raises(ValueError, match="not a local label"):
+        record("x", "identify", "", findings=[("COPD", (1, 1, 2, 2))])
+    with pytest.raises(ValueError, match="two 'vqa' records"):
+        compute_metrics([CLASSIFICATION_RECORDS[1], CLASSIFICATION_RECORDS[1]])
+
+
+# ---- localisation ------------------------------------------------------------------------------------
+
+def iou_plus_one(a, b) -> float:
+    """The authors' computeIoU, written out: both end pixels count."""
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    inter = iw * ih
+    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def accuracy_loop(gts, preds, t) -> float:
+    """gts/preds: {image: [(label, box)]}; hit = any same-class box of the same image with IoU > t."""
+    hits = total = 0
+    for image, boxes in gts.items():
+        for label, g in boxes:
+            total += 1
+            hits += any(lab == label and iou_plus_one(g, p) > t for lab, p in preds.get(image, []))
+    return hits / total
+
+
+LOCALISATION_GT = {
+    "p": [("Cardiomegaly", (0, 0, 9, 9)), ("Aortic enlargement", (0, 0, 2, 2)), ("ILD", (40, 40, 70, 90))],
+    "q": [("Cardiomegaly", (20, 30, 60, 70)), ("Pleural effusion", (5, 60, 25, 95))],
+}
+LOCALISATION_PRED = {
+    # IoU exactly 0.5 with +1 pixels (50 / 100): a hit at 0.3 and 0.4, not at 0.5 (strict >).
+    # (1,0,3,2) vs (0,0,2,2): 6 / 12 = 0.5 with +1 pixels, 2 / 6 = 0.33 as continuous areas.
+    "p": [("Cardiomegaly", (0, 0, 4, 9)), ("Aortic enlargement", (1, 0, 3, 2)), ("Pleural effusion", (40, 40, 70, 90))],
+    "q": [("Cardiomegaly", (22, 30, 60, 70)), ("Cardiomegaly", (20, 31, 59, 70)),
+          ("Pleural effusion", (50, 0, 60, 10))],
+}
+
+
+@pytest.fixture(scope="module")
+def localised() -> dict:
+    records = [
+        record(image, "identify", identify(*(entry(lab, b) for lab, b in LOCALISATION_PRED[image])), findings=gt)
+        for image, gt in LOCALISATION_GT.items()
+    ]
+    return compute_metrics(records)
+
+
+@pytest.mark.parametrize("t", metrics.THRESHOLDS)
+def test_reference_accuracy_matches_the_authors_loop(localised, t):
+    expected = accuracy_loop(LOCALISATION_GT, LOCALISATION_PRED, t)
+    assert localised["reference"]["localisation"]["accuracy"][f"{t:g}"] == pytest.approx(expected)
+
+
+def test_reference_accuracy_strict_threshold_and_plus_one_pixel(localised):
+    acc = localised["reference"]["localisation"]["accuracy"]
+    # hits: Cardiomegaly p (0.5), Aortic enlargement p (0.5), Cardiomegaly q (~0.95) -> 3 / 5 up to 0.4.
+    assert acc == {"0.3": pytest.approx(3 / 5), "0.4": pytest.approx(3 / 5), "0.5": pytest.approx(1 / 5)}
+    per_class = localised["reference"]["localisation"]["per_class"]
+    assert per_class["Aortic enlargement"] == {"support": 1, "0.3": 1.0, "0.4": 1.0, "0.5": 0.0}
+    assert per_class["ILD"]["0.3"] == 0.0  # a Pleural effusion box on the same spot does not count
+    assert per_class["Atelectasis"] == {"support": 0, "0.3": None, "0.4": None, "0.5": None}
+
+
+def test_strict_boxes_are_one_to_one_with_continuous_iou(localised):
+    strict = localised["strict"]["localisation"]
+    assert (strict["gt_boxes"], strict["pred_boxes"]) == (5, 6)
+    # Continuous IoU: Cardiomegaly p 36/81 = 0.44, Aortic enlargement p 2/6 = 0.33, Cardiomegaly q 0.95
+    # for one of two near-copies; the other copy is a false positive.
+    assert strict["thresholds"]["0.3"] == {"precision": 3 / 6, "recall": 3 / 5, "f1": 6 / 11, "tp": 3}
+    assert strict["thresholds"]["0.4"]["tp"] == 2
+    assert strict["thresholds"]["0.5"]["tp"] == 1
+    assert strict["per_class"]["Cardiomegaly"]["0.4"] == {"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "tp": 2}
+
+
+def test_matching_maximises_the_number_of_matches():
+    g1, g2 = (10, 0, 30, 10), (17, 0, 37, 10)
+    p1, p2 = (10, 0, 29, 10), (2, 0, 22, 10)
+    # IoU(p1, g1) = 19/20, IoU(p1, g2) = 12/27, IoU(p2, g1) = 12/28, IoU(p2, g2) = 5/35. Greedy (best pair
+    # first) and the largest total IoU (0.95 > 0.44 + 0.43) both keep p1-g1 alone; p1-g2, p2-g1 match both.
+    assert metrics.matched_pairs([g1, g2], [p1, p2], 0.4) == 2
+    assert metrics.matched_pairs([g1, g2], [p1, p2], 0.45) == 1
+    assert metrics.matched_pairs([g1], [], 0.1) == 0
+    assert metrics.matched_pairs([(0, 0, 10, 10)], [(0, 0, 5, 10)], 0.5) == 1  # IoU exactly 0.5 matches
+
+
+def test_spam_boxes_keep_reference_accuracy_but_not_strict_precision():
+    gt = [("Cardiomegaly", (38, 49, 82, 63)), ("Aortic enlargement", (53, 28, 65, 36)),
+          ("Pleural effusion", (5, 60, 25, 95))]
+    spam = [entry("Nodule/Mass", (i, i, i + 2, i + 2)) for i in range(47)]
+    m = compute_metrics([record("s", "identify", identify(entry(*gt[0]), *spam), findings=gt)])
+    assert m["reference"]["localisation"]["accuracy"]["0.5"] == pytest.approx(1 / 3)
+    strict = m["strict"]["localisation"]["thresholds"]["0.5"]
+    assert strict["precision"] == pytest.approx(1 / 48)
+    assert strict["recall"] == pytest.approx(1 / 3)
+
+
+AP_BY_HAND = (51 * 1.0 + 50 * (2 / 3)) / 101
+"""Detections sorted by score: TP, FP, TP on 2 GT boxes -> precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1.
+COCO makes precision monotone (1, 2/3, 2/3) and samples it at recall 0, 0.01, ..., 1: the 51 points up to
+0.5 read 1, the 50 above read 2/3."""
+
+
+def map_records(scores):
+    gt = [("Cardiomegaly", (10, 10, 50, 50)), ("Cardiomegaly", (60, 60, 90, 90))]
+    # hit_b has IoU 30 * 13 / 900 = 0.43 with its box: a match at 0.4, not at COCO's default 0.5.
+    hit_a, miss, hit_b = (10, 10, 50, 50), (0, 60, 20, 90), (60, 60, 90, 73)
+    out = identify(entry("Cardiomegaly", hit_a), entry("Cardiomegaly", miss), entry("Cardiomegaly", hit_b))
+    return [
+        record("m1", "identify", out, findings=gt, box_scores=scores),
+        # Edema has a ground-truth box and no prediction (AP 0); ILD a prediction and no ground truth (no AP).
+        record("m2", "identify", identify(entry("ILD", (1, 1, 9, 9))), findings=[("Edema", (1, 1, 9, 9))],
+               box_scores=[0.5]),
+    ]
+
+
+def test_map_uses_cocoeval_101_point_interpolation():
+    m = compute_metrics(map_records([0.9, 0.8, 0.7]))["strict"]["map"]
+    assert m["per_class"] == {"Cardiomegaly": pytest.approx(AP_BY_HAND), "Edema": 0.0}
+    assert m["map"] == pytest.approx(AP_BY_HAND / 2)
+
+
+def test_map_reads_box_scores_in_parse_order():
+    # The false positive now scores highest: FP, TP, TP -> interpolated precision 2/3 everywhere.
+    m = compute_metrics(map_records([0.7, 0.9, 0.8]))["strict"]["map"]
+    assert m["per_class"]["Cardiomegaly"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="2 box_scores for 3 parsed boxes"):
+        compute_metrics(map_records([0.9, 0.8]))
+
+
+def test_box_confidences_average_the_tokens_over_each_box():
+    text = "<p>ILD</p> {<1><2><3><4>},<p>Edema</p> {<5><6><7><8>}"
+    spans = [(text.index("{"), text.index("}") + 1), (text.rindex("{"), text.rindex("}") + 1)]
+    offsets = [(0, 10), (11, 19), (19, 26), (26, 38), (38, 46), (46, 53)]
+    probs = [0.1, 0.8, 0.6, 0.3, 0.9, 0.5]
+    # box 1 (characters 11..25) overlaps tokens 2 and 3; box 2 (39..53) tokens 5 and 6.
+    assert metrics.box_confidences(spans, probs, offsets) == pytest.approx([0.7, 0.7])
+    with pytest.raises(ValueError):
+        metrics.box_confidences(spans, probs[:-1], offsets)
+
+
+# ---- text ----------------------------------------------------------------------------------------------
+
+TEXT_PAIRS = [  # (target, output, target and output stripped by hand)
+    (identify(entry("Cardiomegaly", (38, 49, 82, 63)), entry("Aortic enlargement", (53, 28, 65, 36))),
+     identify(entry("Cardiomegaly", (30, 49, 80, 60))),
+     f"{L} Cardiomegaly , Aortic enlargement .", f"{L} Cardiomegaly ."),
+    (identify(entry("Nodule/Mass", (1, 2, 3, 4))),
+     identify(entry("Nodule/Mass", (1, 2, 3, 5)), entry("Lung Opacity", (5, 5, 9, 9))),
+     f"{L} Nodule/Mass .", f"{L} Nodule/Mass , Lung Opacity ."),
+    ("The chest radiograph shows no findings.", "Pleural effusion on the left.",
+     "The chest radiograph shows no findings.", "Pleural effusion on the left."),
+]
+WORDS = [  # the same, as lower-case words without punctuation
+    ("local diseases of this chest radiograph are cardiomegaly aortic enlargement",
+     "local diseases of this chest radiograph are cardiomegaly"),
+    ("local diseases of this chest radiograph are nodule/mass",
+     "local diseases of this chest radiograph are nodule/mass lung opacity"),
+    ("the chest radiograph shows no findings", "pleural effusion on the left"),
+]
+
+
+def test_strip_boxes_and_words():
+    for (target, output, target_plain, output_plain), (target_words, output_words) in zip(TEXT_PAIRS, WORDS):
+        assert (metrics.strip_boxes(target), metrics.strip_boxes(output)) == (target_plain, output_plain)
+        words = (metrics.caption_words(target_plain), metrics.caption_words(output_plain))
+        assert words == (target_words, output_words)
+
+
+def test_text_metrics_match_direct_calls_in_the_right_roles():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from rouge_score.rouge_scorer import RougeScorer
+
+    got = metrics.text_metrics([p[0] for p in TEXT_PAIRS], [p[1] for p in TEXT_PAIRS])
+    scorer = RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"])
+    rouge = [scorer.score(target=p[2], prediction=p[3]) for p in TEXT_PAIRS]
+    for kind in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        assert got[kind] == pytest.approx(sum(r[kind].fmeasure for r in rouge) / len(rouge))
+    gts = {i: [w[0]] for i, w in enumerate(WORDS)}
+    res = {i: [w[1]] for i, w in enumerate(WORDS)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    assert [got[f"bleu{n}"] for n in range(1, 5)] == pytest.approx(bleu)
+    # The JVM is shared with the metrics module (one METEOR process per test session keeps this fast).
+    assert got["meteor"] == pytest.approx(metrics.meteor_scorer().compute_score(gts, res)[0])
+    right, swapped = Cider().compute_score(gts, res)[0], Cider().compute_score(res, gts)[0]
+    assert right != pytest.approx(swapped, rel=1e-3)  # the roles matter for this corpus (4.42 vs 4.48)...
+    assert got["cider"] == pytest.approx(right)  # ...and references are the ground truth
+    assert got["count"] == 3 and "meteor_unavailable" not in got
+
+
+def test_meteor_without_java_is_reported_not_raised(monkeypatch):
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="Java"):
+        metrics.meteor_scorer.__wrapped__()
+
+    def no_java():
+        raise RuntimeError("METEOR needs Java")
+
+    monkeypatch.setattr(metrics, "meteor_scorer", no_java)
+    got = metrics.text_metrics(["a b c"], ["a b"])
+    assert got["meteor"] is None and "Java" in got["meteor_unavailable"]
+    assert got["bleu1"] > 0
+
+
+def test_meteor_jvm_that_dies_is_reported_and_replaced():
+    dead = metrics.meteor_scorer()
+    dead.meteor_p.kill()
+    dead.meteor_p.wait()
+    got = metrics.text_metrics(["a b c"], ["a b"])
+    assert got["meteor"] is None and "METEOR failed" in got["meteor_unavailable"]
+    assert not dead.lock.locked()  # else its __del__ would hang the interpreter
+    assert metrics.text_metrics(["a b c"], ["a b"])["meteor"] > 0  # a fresh JVM
+
+
+# ---- parse rate ----------------------------------------------------------------------------------------
+
+def test_parse_rate_counts_incomplete_outputs_and_their_fragments():
+    outputs = [
+        identify(entry("Cardiomegaly", (1, 2, 3, 4))),
+        identify(entry("Cardiomegaly", (1, 2, 3, 4))) + " banana",
+        f"{L} <p>Cardiomegaly</p> {{<1><2><3><400>}}; banana.",
+        "",
+    ]
+    stats = metrics.parse_stats([record(str(i), "identify", o) for i, o in enumerate(outputs)])
+    assert (stats["records"], stats["complete"], stats["empty"]) == (4, 2, 1)
+    assert stats["rate"] == 0.5
+    assert stats["top_unparsed"] == [["banana", 2], ["{<1><2><3><400>}", 1]]
+    assert [e["image_id"] for e in stats["examples"]] == ["1", "2"]

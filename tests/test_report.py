@@ -1,0 +1,95 @@
+"""The report: tables carry the numbers worked out by hand, overlays have red and green box edges where the
+boxes are, and TensorBoard receives the scalars and pictures (read back with tensorboard's own reader)."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from litegpt.metrics import Prediction, compute_metrics
+from litegpt.report import log_tensorboard, write_report
+
+SIZE = 200
+GT = [("Cardiomegaly", (38, 49, 82, 63)), ("Aortic enlargement", (53, 28, 65, 36)),
+      ("Pleural effusion", (5, 60, 25, 95))]
+SPURIOUS = ("Nodule/Mass", (80, 5, 95, 20))
+
+
+def entry(label, box) -> str:
+    return f"<p>{label}</p> {{<{box[0]}><{box[1]}><{box[2]}><{box[3]}>}}"
+
+
+def record(image_id, task, output, findings=(), diagnoses=()) -> Prediction:
+    target = "Global diseases of this chest radiograph are Pneumonia."
+    return Prediction(image_id, task, output, target,
+                      [{"label": lab, "box": [v / 100 for v in box]} for lab, box in findings], list(diagnoses))
+
+
+RECORDS = [
+    record("s", "identify", f"Local diseases of this chest radiograph are {entry(*GT[0])},{entry(*SPURIOUS)}.",
+           GT, ["Pneumonia"]),
+    record("s", "vqa", "Global diseases of this chest radiograph are Pneumonia.", GT, ["Pneumonia"]),
+    record("n", "identify", "The chest radiograph shows no findings.", (), ["No finding"]),
+    record("n", "vqa", "Global diseases of this chest radiograph are No finding.", (), ["No finding"]),
+    record("x", "vqa", "Global diseases of this chest radiograph are No finding. Maybe|not", (), ["Pneumonia"]),
+]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    metrics = compute_metrics(RECORDS)
+    out = tmp_path_factory.mktemp("eval")
+    files = write_report(metrics, RECORDS, out, images=lambda image_id: Image.new("L", (SIZE, SIZE), 128))
+    return metrics, files
+
+
+def test_report_tables_hold_the_hand_computed_numbers(written):
+    _, files = written
+    text = files.report.read_text()
+    # Finding: s is found, x is missed (says No finding) -> P 1/1, R 1/2; No finding: P 1/2, R 1/1.
+    assert "| reference (authors' rules) | 100.00 | 50.00 | 50.00 | 100.00 | 66.67 | 66.67 |" in text
+    # 1 of 3 ground-truth boxes is hit; strictly, 1 of 2 predicted boxes is right.
+    assert "| reference: Accuracy (any box, IoU > t, +1 px) | 33.33 | 33.33 | 33.33 |" in text
+    assert "| strict: box precision (one-to-one, IoU >= t) | 50.00 | 50.00 | 50.00 |" in text
+    assert "| strict: box recall (one-to-one, IoU >= t) | 33.33 | 33.33 | 33.33 |" in text
+    assert "| Cardiomegaly | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1 |" in text
+    assert "| Nodule/Mass | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 | 0 |" in text
+    # Localisation per class: Cardiomegaly found at every threshold, AP 100 (one exact box, one GT box).
+    assert "| Cardiomegaly | 1 | 1 |" + " 100.00 |" * 10 in text
+    titles = ("Table 1.", "Table 2.", "Table 3.", "Table 4.", "Table 5.", "Tables 8-10", "Tables 11-13", "Parse rate")
+    for title in titles:
+        assert title in text
+    assert "| vqa | 3 | 2 | 66.67 |" in text  # parse rate
+    assert "| `Maybe\\|not` | 1 |" in text  # the fragment, its pipe escaped
+    assert "![s](overlays/s.png)" in text
+
+
+def test_overlay_has_red_predictions_and_green_truth_at_their_edges(written):
+    _, files = written
+    assert [p.name for p in files.overlays] == ["s.png"]  # n has no boxes at all, x is a vqa record
+    picture = Image.open(files.overlays[0]).convert("RGB")
+    px = lambda x, y: picture.getpixel((round(x / 100 * SIZE), round(y / 100 * SIZE)))  # noqa: E731
+    label, (x0, y0, x1, y1) = SPURIOUS
+    assert px(x0, (y0 + y1) / 2) == (255, 0, 0)  # left edge of the predicted Nodule/Mass box
+    label, (x0, y0, x1, y1) = GT[2]
+    assert px(x0, (y0 + y1) / 2) == (0, 255, 0)  # left edge of the ground-truth Pleural effusion box
+    assert px(50, 90) == (128, 128, 128)  # no box there
+
+
+def test_tensorboard_gets_scalars_and_overlays(written, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    metrics, files = written
+    writer = SummaryWriter(tmp_path)
+    log_tensorboard(writer, metrics, step=3, overlays=files.overlays)
+    writer.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    (point,) = events.Scalars("eval/reference/accuracy@0.5")
+    assert (point.step, point.value) == (3, pytest.approx(1 / 3))
+    (point,) = events.Scalars("eval/strict/box_precision@0.5")
+    assert point.value == pytest.approx(1 / 2)
+    (point,) = events.Scalars("eval/reference/finding/recall")
+    assert point.value == pytest.approx(1 / 2)
+    assert events.Tags()["images"] == ["eval/overlay/s"]

@@ -1,0 +1,236 @@
+"""The training harness for real: DeepSpeed ZeRO-2 on 2 CPU ranks over gloo, tiny preset.
+
+One session run (stage 1 then stage 2) is shared by most tests; the kill-and-resume test makes a
+second run of the same stage 1 and compares it step by step with the first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def command(recipe: Path, ranks: int, *overrides: str) -> list[str]:
+    train = [str(REPO / "train.py"), "--config", str(recipe), "--deepspeed", str(REPO / "ds_configs/zero2.json")]
+    train += [a for o in overrides for a in ("--set", o)]
+    if ranks == 1:
+        return [sys.executable, *train]
+    return [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), *train]
+
+
+def run(recipe: Path, ranks: int, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(command(recipe, ranks, *overrides), cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=900)
+    if check and done.returncode != 0:
+        raise AssertionError(f"train.py failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return done
+
+
+def losses(stage_dir: Path) -> dict[int, float]:
+    """Per-step loss from metrics.jsonl; a resumed run's later lines replace the repeated steps."""
+    out = {}
+    for line in (stage_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = row["loss"]
+    return out
+
+
+@pytest.fixture(scope="session")
+def recipes(tiny_config, prepared, tmp_path_factory) -> dict[str, Path]:
+    """The tiny stage recipes pointed at the session's weights, shards and a fresh run directory."""
+    root = tmp_path_factory.mktemp("train")
+    model = root / "model_tiny.yaml"
+    model.write_text(yaml.safe_dump(json.loads(json.dumps(tiny_config.to_dict()))))
+    out = {}
+    for name in ("stage1", "stage2"):
+        data = yaml.safe_load((REPO / "configs/tiny" / f"{name}.yaml").read_text())
+        data["model"] = str(model)
+        data["run"]["dir"] = str(root / "runs/a")
+        data["data"]["shards"] = str(prepared)
+        data["train"].update(micro_batch=2, epochs=6)
+        data["checkpoint"]["save_every"] = 4
+        data["log"]["every"] = 2
+        if name == "stage2":
+            data["stage"]["init_from"] = str(root / "runs/a/stage1/export")
+        out[name] = root / f"{name}.yaml"
+        out[name].write_text(yaml.safe_dump(data))
+    out["root"] = root
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(recipes) -> Path:
+    """Stage 1 then stage 2, each on 2 ranks; returns the run directory."""
+    run(recipes["stage1"], 2)
+    run(recipes["stage2"], 2)
+    return recipes["root"] / "runs/a"
+
+
+def test_both_stages_train_checkpoint_and_export(two_rank_run):
+    for stage in ("stage1", "stage2"):
+        stage_dir = two_rank_run / stage
+        steps = losses(stage_dir)
+        assert steps and all(v == v for v in steps.values())  # finite
+        latest = (stage_dir / "checkpoints/latest").read_text().strip()
+        assert latest == f"step{max(steps):08d}"
+        for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "projector.safetensors",
+                     "model.yaml", "export.json"):
+            assert (stage_dir / "export" / name).is_file()
+        assert yaml.safe_load((stage_dir / "config.yaml").read_text())["stage"]["name"] == stage
+    first = losses(two_rank_run / "stage1")
+    assert first[max(first)] < first[1]  # it learns something
+
+
+def test_checkpoint_consolidates_with_zero_to_fp32(two_rank_run):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    stage_dir = two_rank_run / "stage1"
+    state = get_fp32_state_dict_from_zero_checkpoint(str(stage_dir / "checkpoints"), exclude_frozen_parameters=True)
+    lora = {k: v for k, v in state.items() if "lora_" in k}
+    assert lora and all("q_proj" in k or "v_proj" in k for k in lora)
+    exported = load_file(stage_dir / "export/projector.safetensors")
+    for name, tensor in exported.items():
+        if name.startswith("projector."):
+            assert torch.equal(state[name], tensor), name  # the export is the checkpoint's final weights
+    adapter = load_file(stage_dir / "export/adapter/adapter_model.safetensors")
+    assert len(adapter) == len(lora)
+    for name, tensor in adapter.items():
+        matches = [k for k in lora if k.replace(".default", "").endswith(name.split("base_model.model.", 1)[-1])]
+        assert len(matches) == 1 and torch.equal(lora[matches[0]], tensor), name
+
+
+def test_stage2_starts_from_stage1_export(two_rank_run):
+    config = yaml.safe_load((two_rank_run / "stage2/config.yaml").read_text())
+    assert config["stage"]["init_from"].endswith("stage1/export") and config["stage"]["tasks"] == ["vqa"]
+    assert json.loads((two_rank_run / "stage2/export/export.json").read_text())["stage"] == "stage2"
+
+
+def test_tensorboard_holds_the_metrics(two_rank_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(two_rank_run / "stage1/tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s",
+                "perf/tflops_per_device", "perf/data_share", "mem/peak_rss_gib", "counters/skipped_steps",
+                "counters/truncated_answers", "counters/dropped_samples"}
+    assert expected <= tags
+    steps = losses(two_rank_run / "stage1")
+    logged = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert logged.keys() == steps.keys()
+    assert all(abs(logged[s] - steps[s]) < 1e-5 for s in steps)
+
+
+def test_killed_run_resumes_with_identical_losses(recipes, two_rank_run):
+    data = yaml.safe_load(recipes["stage1"].read_text())
+    data["run"]["dir"] = str(recipes["root"] / "runs/killed")
+    recipe = recipes["root"] / "killed.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    stage_dir = recipes["root"] / "runs/killed/stage1"
+    proc = subprocess.Popen(command(recipe, 2), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:  # kill after the step-4 checkpoint, mid-epoch, before the end
+            if (stage_dir / "metrics.jsonl").is_file() and len(losses(stage_dir)) >= 6:
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    reference = losses(two_rank_run / "stage1")
+    assert len(losses(stage_dir)) < len(reference)
+    run(recipe, 2)
+    resumed = losses(stage_dir)
+    assert resumed.keys() == reference.keys()
+    assert max(abs(resumed[s] - reference[s]) for s in reference) <= 1e-6
+
+
+def test_preemption_signal_checkpoints_and_exits_for_requeue(recipes, two_rank_run):
+    data = yaml.safe_load(recipes["stage1"].read_text())
+    data["run"]["dir"] = str(recipes["root"] / "runs/preempted")
+    data["checkpoint"]["save_every"] = 1000
+    recipe = recipes["root"] / "preempted.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    stage_dir = recipes["root"] / "runs/preempted/stage1"
+    proc = subprocess.Popen(command(recipe, 2), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not ((stage_dir / "metrics.jsonl").is_file() and losses(stage_dir)):
+        time.sleep(0.02)
+    # SLURM's --signal=USR1@<s> reaches the tasks; here only rank 1 gets it, and both ranks must stop together
+    rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "--local_rank=1" in p.cmdline() and "--local_rank=1" not in p.parent().cmdline()]  # not its loader
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 75, out[-3000:]
+    tag = (stage_dir / "checkpoints/latest").read_text().strip()
+    assert f"checkpoint written at step {int(tag[4:])}" in out
+    assert len(losses(stage_dir)) < len(losses(two_rank_run / "stage1"))
+    run(recipe, 2)
+    assert losses(stage_dir) == pytest.approx(losses(two_rank_run / "stage1"), abs=1e-6)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(recipes, two_rank_run):
+    data = yaml.safe_load(recipes["stage1"].read_text())
+    data["run"]["dir"] = str(recipes["root"] / "runs/nonfinite")
+    data["train"].update(epochs=2, max_nonfinite=2)
+    recipe = recipes["root"] / "nonfinite.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    ENV["LITEGPT_INJECT_NONFINITE"] = "2"
+    try:
+        run(recipe, 1)
+        rows = [json.loads(line) for line in (recipes["root"] / "runs/nonfinite/stage1/metrics.jsonl").open()]
+        assert rows[1]["loss"] != rows[1]["loss"] and rows[1]["skipped_microbatches"] > 0  # NaN, counted
+        assert rows[-1]["loss"] == rows[-1]["loss"]  # and training went on
+        ENV["LITEGPT_INJECT_NONFINITE"] = "2,3"
+        data["run"]["dir"] = str(recipes["root"] / "runs/nonfinite2")
+        recipe.write_text(yaml.safe_dump(data))
+        done = run(recipe, 1, check=False)
+        assert done.returncode == 3 and "2 optimizer steps in a row had a non-finite loss" in done.stderr
+    finally:
+        ENV.pop("LITEGPT_INJECT_NONFINITE")
+
+
+def test_resuming_with_another_world_size_is_refused(recipes, two_rank_run):
+    done = run(recipes["stage1"], 1, "train.epochs=7", check=False)
+    assert done.returncode == 2
+    assert "written by 2 ranks, this run has 1" in done.stderr or "different recipe" in done.stderr
+
+
+def test_bad_configs_are_one_clear_message(recipes, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}))
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(recipes["stage1"]), "--deepspeed", str(ds)]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 2 and "train_micro_batch_size_per_gpu=16" in done.stderr
+    done = subprocess.run(cmd[:-1] + [str(REPO / "ds_configs/zero2.json"), "--set", "train.micro_batch=0"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 2 and "micro_batch" in done.stderr
+    done = subprocess.run(cmd[:-1] + [str(REPO / "ds_configs/zero2.json"), "--set", "data.shards=/nonexistent"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 2 and "/nonexistent" in done.stderr

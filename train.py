@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.stage.init_from:
         load_export(model, Path(cfg.stage.init_from))
     visual = feature_visual if spec.features else image_visual(model.vision.preprocess)
-    stream = TrainStream(spec, rank, world, visual)
+    stream = TrainStream(spec, rank, world, visual, model.inputs.train_batch)
     steps_per_epoch = stream.batches_per_epoch // cfg.train.grad_accum
     if steps_per_epoch == 0:
         print(f"train.py: {stream.batches_per_epoch} micro-batches per epoch are fewer than train.grad_accum "
@@ -169,24 +169,24 @@ def main(argv: list[str] | None = None) -> int:
     skipped_before = engine.skipped_steps
     while state["step"] < total_steps:
         fetched = time.perf_counter()
-        for samples in stream.epoch(state["epoch"], skip=state["batch_in_epoch"], stop=batches_per_epoch):
-            batch = engine.module.inputs.train_batch(samples)
+        for batch in stream.epoch(state["epoch"], skip=state["batch_in_epoch"], stop=batches_per_epoch):
             state["truncated_answers"] += batch.truncated
             state["dropped_samples"] += len(batch.dropped)
             batch = batch.to(engine.device)
             data_seconds = time.perf_counter() - fetched
             loss = engine(batch).loss
-            bad = torch.tensor([float(not torch.isfinite(loss) or state["step"] + 1 in inject)])
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
-            if bad.item():
+            # One all-reduce per micro-batch: [any rank non-finite, loss sum, any rank asked to stop]
+            bad = not torch.isfinite(loss).item() or state["step"] + 1 in inject
+            shared = torch.tensor([float(bad), 0.0 if bad else loss.item(), float(preemption.requested)])
+            dist.all_reduce(shared)
+            bad, stop_requested = shared[0].item() > 0, shared[2].item() > 0
+            if bad:  # every rank skips together: a zero gradient keeps DeepSpeed's accumulation in step
                 state["skipped_microbatches"] += 1
-                loss = sum((p * 0).sum() for p in engine.module.parameters() if p.requires_grad)  # zero gradient
+                loss = sum((p * 0).sum() for p in engine.module.parameters() if p.requires_grad)
             lr = scheduler.get_last_lr()[0]  # the rate this step applies
             engine.backward(loss)
             engine.step()
-            reduced = loss.detach().float().reshape(1).cpu()
-            dist.all_reduce(reduced)
-            micro_losses.append(math.nan if bad.item() else reduced.item() / world)
+            micro_losses.append(math.nan if bad else shared[1].item() / world)
             monitor.micro_batch(len(batch.keys), int(batch.attention_mask.sum()), batch.input_ids.shape[1],
                                 model.image_tokens * len(batch.keys), data_seconds)
             state["batch_in_epoch"] += 1
@@ -219,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"norm (limit train.max_nonfinite); stopping. Lower optim.lr, check the data, or resume "
                           f"from the last good checkpoint in {checkpointer.directory}", file=sys.stderr)
                 return 3
-            stop = torch.tensor([float(preemption.requested)])
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if stop.item():
+            if stop_requested:
                 save()
                 if rank == 0:
                     print(f"train.py: preemption signal: checkpoint written at step {state['step']}; "

@@ -67,13 +67,15 @@ def image_visual(preprocess: Callable[[Image.Image], dict[str, torch.Tensor]]) -
 
 
 class TrainStream:
-    """Batches for one rank; `epoch(e, skip)` is deterministic for a given (seed, world size, workers)."""
+    """Collated batches for one rank; `epoch(e, skip)` is deterministic for a (seed, world size, workers)."""
 
-    def __init__(self, spec: StreamSpec, rank: int, world_size: int, visual: Decode):
+    def __init__(self, spec: StreamSpec, rank: int, world_size: int, visual: Decode,
+                 collate: Callable[[list[TrainSample]], object]):
         if len(spec.urls) < world_size:
             raise ValueError(f"{len(spec.urls)} shard(s) cannot feed {world_size} ranks: re-run `litegpt prepare` "
                              f"with a smaller --samples-per-shard (at least one shard per rank is needed)")
         self.spec, self.rank, self.world_size, self.visual = spec, rank, world_size, visual
+        self.collate = collate  # runs in the loader workers: tokenising is off the training process
         self.batches_per_epoch = spec.n_samples // (world_size * spec.micro_batch)
         if self.batches_per_epoch == 0:
             raise ValueError(f"{spec.n_samples} samples give no full batch of {spec.micro_batch} on each of "
@@ -100,9 +102,10 @@ class TrainStream:
             _cycle(self._samples),
             wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, seed=seed * 7919 + self.rank),
             _length_batches(spec.micro_batch, spec.length_group, seed * 104729 + self.rank),
+            wds.map(self.collate),
         )
 
-    def epoch(self, epoch: int, skip: int = 0, stop: int | None = None) -> Iterator[list[TrainSample]]:
+    def epoch(self, epoch: int, skip: int = 0, stop: int | None = None) -> Iterator:
         """Micro-batches `skip` (consumed before a restart) to `stop` of `epoch` for this rank."""
         workers = min(self.spec.num_workers, len(self.spec.urls[self.rank::self.world_size]))
         # Its own generator: the loader must not draw from the global RNG, which LoRA dropout uses and a

@@ -15,6 +15,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("litegpt.synth", "write a synthetic dataset in the PhysioNet VinDr-CXR layout"),
     "prepare": ("litegpt.prepare", "convert a VinDr-CXR root (PhysioNet or Kaggle layout) into WebDataset shards"),
     "inspect": ("litegpt.inspect", "summarise a shard set and draw samples with their boxes"),
+    "tiny-weights": ("litegpt.tiny", "write a model config's random weights and tokenizer in the real on-disk formats"),
+    "model-summary": ("litegpt.model_summary", "print the model's modules with trainable/frozen parameter counts (no weights loaded)"),
+    "cache-features": ("litegpt.features", "run the frozen encoders once over a shard set and write the feature cache"),
+    "evaluate": ("litegpt.evaluate", "generate on a shard split with a trained stage and write predictions, metrics and a report"),
+    "predict": ("litegpt.predict", "run a trained stage on one DICOM/PNG/JPEG: findings, boxes and diagnoses as JSON, plus an overlay"),
 }
 
 

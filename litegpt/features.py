@@ -1,0 +1,286 @@
+"""The frozen-encoder feature cache (DESIGN.md "Feature cache") and `litegpt cache-features`.
+
+Layout: `<shards>/features/<fingerprint>/<split>-%06d.tar` mirrors the image shards one to one. Each
+sample is self-contained: `<key>.json` (the image shard's json, byte for byte) and one `<key>.<encoder>.npy`
+per encoder, an array [tokens, width] in `vision.feature_dtype` (fp16) written with `numpy.save` (what
+webdataset's `npy` encoding does), i.e. patch tokens with the CLS dropped, before fusion. The cache does
+not depend on merge, projector or LLM settings, so one cache serves every such ablation.
+
+The fingerprint is a sha256 over everything that changes the features, spelled out in the manifest's
+`fingerprint_inputs`: per encoder its name, kind, weight-file hashes (or arch + seed for random weights),
+image size, interpolation, mean/std, layer, dropped prefix tokens; the encoders' compute dtype and the
+feature dtype; the cache format. Completeness: each shard is written under a temp name and renamed, its
+record (sample count, sha256, the source shard's sha256) goes to `.partial/`, and `manifest.json` is
+written last by `finalize`, which checks that every image shard has its feature shard. Without a
+manifest a cache is incomplete and is refused. `encode_shards` takes any subset of shard names, so ranks
+can share the work; one process calls `finalize` afterwards. Re-running skips shards already encoded
+from the same image shard (resume) and re-encodes those whose image shard changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from litegpt import __version__
+from litegpt.encoders import VisualBackbone, kind_of, weights_digest
+from litegpt.model_config import VisionConfig, load_model_config
+from litegpt.shards import MANIFEST, Sample, read_manifest, write_json_atomic, write_shard
+
+FORMAT = "litegpt-features/1"
+PARTIAL = ".partial"
+
+
+class FeatureCacheError(ValueError):
+    """A feature cache that is missing, incomplete, stale or built for other encoders."""
+
+
+def fingerprint_inputs(vision: VisionConfig) -> dict:
+    encoders = []
+    for e in vision.encoders:
+        kind_of(e)
+        encoders.append({"name": e.name, "kind": e.kind, "weights": weights_digest(e), "image_size": e.image_size,
+                         "interpolation": e.interpolation, "mean": list(e.mean), "std": list(e.std),
+                         "layer": e.layer, "drop_prefix_tokens": e.drop_prefix_tokens})
+    return {"format": FORMAT, "encoders": encoders, "dtype": vision.dtype, "feature_dtype": vision.feature_dtype}
+
+
+def fingerprint(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_dir(shards: Path, fp: str) -> Path:
+    return Path(shards) / "features" / fp
+
+
+def rebuild_hint(shards: Path, model_config: str | Path | None) -> str:
+    return f"litegpt cache-features --shards {shards} --model {model_config or '<model config>'}"
+
+
+def _iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample, in tar order (members of a sample are adjacent)."""
+    key, members = None, {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = Path(member.name).name
+            name_key, _, ext = base.partition(".")
+            if name_key != key:
+                if key is not None:
+                    yield key, members
+                key, members = name_key, {}
+            members[ext] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, members
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_features(members: dict[str, bytes | np.ndarray]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A feature sample's (json, {encoder: tensor [tokens, width]}) from raw tar members or decoded ones."""
+    meta = members["json"]
+    meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta
+    features = {}
+    for ext, value in members.items():
+        if ext.endswith(".npy"):
+            array = np.load(io.BytesIO(value), allow_pickle=False) if isinstance(value, bytes) else value
+            features[ext[: -len(".npy")]] = torch.from_numpy(np.ascontiguousarray(array))
+    return meta, features
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _decode_png(backbone: VisualBackbone, data: bytes) -> dict[str, torch.Tensor]:
+    with Image.open(io.BytesIO(data)) as image:
+        return backbone.preprocess(image)
+
+
+def encode_shards(shards: Path, vision: VisionConfig, names: Iterable[str], *, backbone: VisualBackbone | None = None,
+                  batch_size: int = 32, device: str = "cpu", workers: int = 2, progress: bool = True) -> list[dict]:
+    """Encode the named image shards into the cache (skipping ones already done); returns their records."""
+    shards = Path(shards)
+    image_manifest = read_manifest(shards)
+    sources = {s["name"]: s for s in image_manifest["shards"]}
+    names = list(names)
+    unknown = [n for n in names if n not in sources]
+    if unknown:
+        raise FeatureCacheError(f"{shards}: not in its manifest: {', '.join(unknown)}")
+    out = cache_dir(shards, fingerprint(fingerprint_inputs(vision)))
+    done = _records(out)
+    fresh = {n for n, r in done.items()
+             if n in sources and r["source_sha256"] == sources[n]["sha256"] and (out / n).is_file()}
+    records = [done[n] for n in names if n in fresh]
+    todo = [n for n in names if n not in fresh]
+    if not todo:
+        return records
+    (out / PARTIAL).mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).is_file():  # some shard is stale: the cache must stop looking complete first
+        for record in done.values():
+            write_json_atomic(out / PARTIAL / f"{record['name']}.json", record)
+        (out / MANIFEST).unlink(missing_ok=True)
+    if backbone is None:
+        backbone = VisualBackbone(vision)
+    backbone.to(device)
+    bar = tqdm(total=sum(sources[n]["samples"] for n in todo), unit="img", desc="cache-features",
+               dynamic_ncols=True, disable=None if progress else True)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for name in todo:
+            def samples() -> Iterator[Sample]:
+                for batch in _batches(_iter_tar(shards / name), batch_size):
+                    pixels = list(pool.map(lambda kv: _decode_png(backbone, kv[1]["png"]), batch))
+                    stacked = {enc: torch.stack([p[enc] for p in pixels]).to(device) for enc in pixels[0]}
+                    with torch.inference_mode():
+                        feats = {enc: f.cpu().numpy() for enc, f in backbone(stacked).items()}
+                    for i, (key, members) in enumerate(batch):
+                        yield Sample(key, {"json": members["json"],
+                                           **{f"{enc}.npy": _npy(f[i]) for enc, f in feats.items()}})
+                    bar.update(len(batch))
+
+            count, digest = write_shard(out / name, samples())
+            record = {"name": name, "split": sources[name]["split"], "samples": count, "sha256": digest,
+                      "source_sha256": sources[name]["sha256"]}
+            if count != sources[name]["samples"]:
+                raise FeatureCacheError(f"{shards / name}: {count} samples read, its manifest says "
+                                        f"{sources[name]['samples']}")
+            write_json_atomic(out / PARTIAL / f"{name}.json", record)
+            records.append(record)
+    bar.close()
+    return records
+
+
+def _records(out: Path) -> dict[str, dict]:
+    """Shard records of a cache directory: the manifest's, then those of shards written since."""
+    records = {}
+    if (out / MANIFEST).is_file():
+        records.update({r["name"]: r for r in json.loads((out / MANIFEST).read_text())["shards"]})
+    for path in sorted((out / PARTIAL).glob("*.json")):
+        record = json.loads(path.read_text())
+        records[record["name"]] = record
+    return records
+
+
+def finalize(shards: Path, vision: VisionConfig) -> Path:
+    """Write the cache manifest once every image shard has its feature shard; returns the cache directory."""
+    shards = Path(shards)
+    image_manifest = read_manifest(shards)
+    inputs = fingerprint_inputs(vision)
+    fp = fingerprint(inputs)
+    out = cache_dir(shards, fp)
+    records, missing, done = [], [], _records(out)
+    for source in image_manifest["shards"]:
+        record = done.get(source["name"])
+        if record is None or record["source_sha256"] != source["sha256"] or not (out / source["name"]).is_file():
+            missing.append(source["name"])
+        else:
+            records.append(record)
+    if missing:
+        raise FeatureCacheError(f"{out}: feature shards not (or not freshly) built: {', '.join(missing)}")
+    splits: dict[str, dict] = {}
+    for record in records:
+        splits.setdefault(record["split"], {"samples": 0, "shards": 0})
+        splits[record["split"]]["samples"] += record["samples"]
+        splits[record["split"]]["shards"] += 1
+    manifest = {"format": FORMAT, "litegpt_version": __version__, "fingerprint": fp,
+                "fingerprint_inputs": inputs, "source_shards": str(shards), "splits": splits, "shards": records}
+    for path in out.glob("*.tar"):  # feature shards of image shards that no longer exist
+        if path.name not in {r["name"] for r in records}:
+            path.unlink()
+    write_json_atomic(out / MANIFEST, manifest)
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    return out
+
+
+def build_cache(shards: Path, vision: VisionConfig, **kwargs) -> Path:
+    """Encode every image shard not yet cached, then finalize."""
+    names = [s["name"] for s in read_manifest(Path(shards))["shards"]]
+    encode_shards(shards, vision, names, **kwargs)
+    return finalize(shards, vision)
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    directory: Path
+    manifest: dict
+
+    def shard_paths(self, split: str) -> list[Path]:
+        return [self.directory / s["name"] for s in self.manifest["shards"] if s["split"] == split]
+
+    def samples(self, split: str) -> Iterator[tuple[str, dict, dict[str, torch.Tensor]]]:
+        """(key, json, features) for every sample of a split, in shard order."""
+        for path in self.shard_paths(split):
+            for key, members in _iter_tar(path):
+                meta, features = decode_features(members)
+                yield key, meta, features
+
+
+def open_cache(shards: Path, vision: VisionConfig, model_config: str | Path | None = None) -> FeatureCache:
+    """The cache for these encoders, refused (with how to rebuild it) if missing, incomplete or stale."""
+    shards = Path(shards)
+    inputs = fingerprint_inputs(vision)
+    fp = fingerprint(inputs)
+    out = cache_dir(shards, fp)
+    hint = rebuild_hint(shards, model_config)
+    if not (out / MANIFEST).is_file():
+        others = sorted(p.name for p in (shards / "features").glob("*/") if (p / MANIFEST).is_file()) \
+            if (shards / "features").is_dir() else []
+        state = "is incomplete (no manifest.json; an interrupted build?)" if out.is_dir() else "does not exist"
+        other = (f" Caches present for other encoder settings: {', '.join(others)} (their manifests' "
+                 "fingerprint_inputs say what differs).") if others else ""
+        raise FeatureCacheError(f"the feature cache for this model config ({out}) {state}.{other} "
+                                f"Build it with: {hint}")
+    manifest = json.loads((out / MANIFEST).read_text())
+    if manifest.get("fingerprint") != fp or manifest.get("fingerprint_inputs") != json.loads(json.dumps(inputs)):
+        raise FeatureCacheError(f"{out}: its manifest does not match this model config's encoders; rebuild with: {hint}")
+    current = {s["name"]: s["sha256"] for s in read_manifest(shards)["shards"]}
+    cached = {s["name"]: s["source_sha256"] for s in manifest["shards"]}
+    if current != cached:
+        raise FeatureCacheError(f"{out}: the image shards in {shards} changed since this cache was built; "
+                                f"rebuild it (changed shards are re-encoded) with: {hint}")
+    missing = [s["name"] for s in manifest["shards"] if not (out / s["name"]).is_file()]
+    if missing:
+        raise FeatureCacheError(f"{out}: feature shards missing: {', '.join(missing)}; rebuild with: {hint}")
+    return FeatureCache(out, manifest)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", type=Path, required=True, help="image shard directory, e.g. shards/vindr")
+    parser.add_argument("--model", type=Path, required=True, help="model config naming the encoders")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=4, help="threads decoding and resizing PNGs")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_model_config(args.model)
+    out = build_cache(args.shards, cfg.vision, batch_size=args.batch_size, device=args.device, workers=args.workers)
+    manifest = json.loads((out / MANIFEST).read_text())
+    counts = ", ".join(f"{split} {s['samples']}" for split, s in manifest["splits"].items())
+    print(f"feature cache {out} ({counts} samples)")
+    return 0

@@ -1,0 +1,378 @@
+"""LiteGPT: frozen encoders -> token merge -> projector -> LLM with LoRA (DESIGN.md "Model").
+
+The model takes either per-encoder pixels (live encoders) or per-encoder features (the feature cache);
+both go through the same merge and projector, and features are rounded to `vision.feature_dtype` in
+both cases, so the two paths give the same loss.
+
+Input assembly (`InputBuilder`) follows the grammar's prompt: one BOS, the prompt's text around
+`<ImageHere>` tokenised in segments, the image embeddings spliced in place of the placeholder, then the
+answer and EOS. Labels cover the answer tokens (and EOS) only. Training batches are right-padded,
+generation batches left-padded. An answer cut by `max_answer_tokens` or `max_length` is counted in
+`Batch.truncated`; a sample whose answer does not fit at all is removed from the batch and its key listed
+in `Batch.dropped` (never trained on as an empty target). A batch that loses every sample is a
+configuration error (`max_length` too small for the prompt) and raises.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from litegpt.encoders import VisualBackbone, backbone_geometry, torch_dtype
+from litegpt.grammar import IMAGE_PLACEHOLDER
+from litegpt.model_config import ConfigError, LLMConfig, LoraSettings, ModelConfig, resolve_arch
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+class TokenMerge(nn.Module):
+    """LayerNorm over the concatenated tokens, then k adjacent tokens reshaped into one ([B, N, C] -> [B, N/k, kC])."""
+
+    def __init__(self, n_tokens: int, width: int, k: int, norm: str):
+        super().__init__()
+        if n_tokens % k:
+            raise ConfigError(f"merge.k = {k} does not divide the {n_tokens} visual tokens of the encoders; "
+                              f"choose k among {[d for d in range(1, n_tokens + 1) if n_tokens % d == 0]}")
+        self.n_tokens, self.width, self.k = n_tokens, width, k
+        if norm == "none":
+            self.norm: nn.Module = nn.Identity()
+        else:
+            self.norm = nn.LayerNorm(width, elementwise_affine=norm == "learnable")
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, n, c = tokens.shape
+        if (n, c) != (self.n_tokens, self.width):
+            raise ValueError(f"visual tokens of shape {n}x{c}; this model expects {self.n_tokens}x{self.width}")
+        return self.norm(tokens).reshape(batch, n // self.k, c * self.k)
+
+
+class Projector(nn.Sequential):
+    """Linear(kC -> hidden) -> GELU -> Linear(hidden -> D); the last layer is MiniGPT-v2's `llama_proj`."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int):
+        super().__init__(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, out_features))
+
+
+@dataclass
+class TrainSample:
+    """One sample for a training batch: rendered prompt and answer, and pixels or features per encoder."""
+
+    key: str
+    prompt: str
+    answer: str
+    pixels: dict[str, torch.Tensor] | None = None
+    features: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L]; image slots hold the pad id
+    image_mask: torch.Tensor  # [B, L] bool: where image embeddings go
+    attention_mask: torch.Tensor  # [B, L]
+    labels: torch.Tensor | None  # [B, L], IGNORE_INDEX outside the answer; None for generation
+    visual: dict[str, torch.Tensor]  # per encoder, stacked over the kept samples
+    visual_is_features: bool
+    keys: list[str]
+    truncated: int = 0  # answers cut short (still trained on, without their end)
+    dropped: list[str] = field(default_factory=list)  # samples removed: no answer token fitted
+
+    def to(self, device: torch.device | str) -> Batch:
+        move = {k: v.to(device) for k, v in self.visual.items()}
+        return Batch(self.input_ids.to(device), self.image_mask.to(device), self.attention_mask.to(device),
+                     None if self.labels is None else self.labels.to(device), move, self.visual_is_features,
+                     self.keys, self.truncated, list(self.dropped))
+
+
+class InputBuilder:
+    """Token assembly for prompts with one `<ImageHere>`; see the module docstring for the rules."""
+
+    def __init__(self, tokenizer, image_tokens: int, max_length: int, max_answer_tokens: int):
+        self.tokenizer = tokenizer
+        self.image_tokens = image_tokens
+        self.max_length = max_length
+        self.max_answer_tokens = max_answer_tokens
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        if self.bos is None or self.eos is None:
+            raise ConfigError("the tokenizer needs BOS and EOS tokens")
+        self.pad = next(t for t in (tokenizer.pad_token_id, tokenizer.unk_token_id, self.eos) if t is not None)
+        self._prompts: dict[str, tuple[list[int], list[int]]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, prompt: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after the image placeholder (memoised: prompts repeat)."""
+        if prompt not in self._prompts:
+            parts = prompt.split(IMAGE_PLACEHOLDER)
+            if len(parts) != 2:
+                raise ValueError(f"a prompt needs exactly one {IMAGE_PLACEHOLDER}, got {len(parts) - 1}: {prompt!r}")
+            self._prompts[prompt] = (self._ids(parts[0]), self._ids(parts[1]))
+        return self._prompts[prompt]
+
+    def _row(self, prompt: str, answer_ids: list[int]) -> tuple[list[int], list[bool], list[int]]:
+        before, after = self.prompt_ids(prompt)
+        ids = [self.bos, *before, *[self.pad] * self.image_tokens, *after]
+        image = [False] * (1 + len(before)) + [True] * self.image_tokens + [False] * len(after)
+        labels = [IGNORE_INDEX] * len(ids) + answer_ids
+        return ids + answer_ids, image + [False] * len(answer_ids), labels
+
+    def train_batch(self, samples: Sequence[TrainSample]) -> Batch:
+        rows, kept, truncated, dropped = [], [], 0, []
+        for sample in samples:
+            answer = [*self._ids(sample.answer), self.eos]
+            prompt_len = 1 + sum(map(len, self.prompt_ids(sample.prompt))) + self.image_tokens
+            room = min(self.max_answer_tokens, self.max_length - prompt_len)
+            if room <= 0:
+                dropped.append(sample.key)
+                continue
+            if len(answer) > room:
+                truncated += 1
+                answer = answer[:room]
+            rows.append(self._row(sample.prompt, answer))
+            kept.append(sample)
+        if not kept:
+            raise ConfigError(f"no sample of this batch fits: the prompt alone reaches llm.max_length = "
+                              f"{self.max_length} tokens; raise it")
+        length = max(len(ids) for ids, _, _ in rows)
+        input_ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        image_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (ids, image, lab) in enumerate(rows):  # right padding
+            n = len(ids)
+            input_ids[i, :n] = torch.tensor(ids)
+            labels[i, :n] = torch.tensor(lab)
+            image_mask[i, :n] = torch.tensor(image)
+            attention[i, :n] = 1
+        visual, is_features = _stack_visual(kept)
+        return Batch(input_ids, image_mask, attention, labels, visual, is_features, [s.key for s in kept],
+                     truncated, dropped)
+
+    def generation_batch(self, keys: Sequence[str], prompts: Sequence[str], *,
+                         pixels: Sequence[dict[str, torch.Tensor]] | None = None,
+                         features: Sequence[dict[str, torch.Tensor]] | None = None) -> Batch:
+        samples = [TrainSample(k, p, "", None if pixels is None else pixels[i], None if features is None
+                               else features[i]) for i, (k, p) in enumerate(zip(keys, prompts))]
+        rows = [self._row(s.prompt, []) for s in samples]
+        length = max(len(ids) for ids, _, _ in rows)
+        input_ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
+        image_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (ids, image, _) in enumerate(rows):  # left padding
+            n = len(ids)
+            input_ids[i, length - n:] = torch.tensor(ids)
+            image_mask[i, length - n:] = torch.tensor(image)
+            attention[i, length - n:] = 1
+        visual, is_features = _stack_visual(samples)
+        return Batch(input_ids, image_mask, attention, None, visual, is_features, list(keys))
+
+
+def _stack_visual(samples: Sequence[TrainSample]) -> tuple[dict[str, torch.Tensor], bool]:
+    is_features = samples[0].features is not None
+    if any((s.features is not None) != is_features or (s.pixels is None) == (s.features is None) for s in samples):
+        raise ValueError("every sample of a batch needs either pixels or features (not both, not a mix)")
+    dicts = [s.features if is_features else s.pixels for s in samples]
+    return {name: torch.stack([d[name] for d in dicts]) for name in dicts[0]}, is_features
+
+
+@dataclass
+class Generation:
+    """A generated answer: its text and, per generated token (EOS excluded), id, piece and probability."""
+
+    text: str
+    token_ids: list[int]
+    tokens: list[str]
+    probs: list[float]
+
+
+@dataclass
+class Output:
+    loss: torch.Tensor
+    answer_tokens: int  # label tokens the loss averages over
+
+
+class LiteGPT(nn.Module):
+    """The whole model. `vision` is None when it is built to train on cached features only."""
+
+    def __init__(self, cfg: ModelConfig, llm: nn.Module, tokenizer, vision: VisualBackbone | None):
+        super().__init__()
+        self.cfg = cfg
+        n_tokens, width = backbone_geometry(cfg.vision)
+        self.vision = vision
+        self.merge = TokenMerge(n_tokens, width, cfg.merge.k, cfg.merge.norm)
+        self.llm = llm
+        hidden = llm.get_input_embeddings().embedding_dim
+        self.projector = Projector(width * cfg.merge.k, cfg.projector.hidden, hidden)
+        self.tokenizer = tokenizer
+        self.image_tokens = n_tokens // cfg.merge.k
+        self.encoder_names = [e.name for e in cfg.vision.encoders]
+        self.feature_dtype = torch_dtype(cfg.vision.feature_dtype)
+        self.inputs = None if tokenizer is None else InputBuilder(
+            tokenizer, self.image_tokens, cfg.llm.max_length, cfg.llm.max_answer_tokens)
+
+    def image_embeddings(self, visual: dict[str, torch.Tensor], is_features: bool) -> torch.Tensor:
+        """[B, N/k, D] embeddings from per-encoder pixels (run through the encoders) or cached features."""
+        if not is_features:
+            if self.vision is None:
+                raise ValueError("this model was built without encoders; give it cached features")
+            visual = self.vision(visual)
+        missing = [n for n in self.encoder_names if n not in visual]
+        if missing:
+            raise ValueError(f"visual input lacks encoder(s) {missing}; have {sorted(visual)}")
+        dtype = self.projector[0].weight.dtype
+        tokens = torch.cat([visual[n].to(self.feature_dtype) for n in self.encoder_names], dim=1)
+        return self.projector(self.merge(tokens.to(dtype)))
+
+    def _embeds(self, batch: Batch) -> torch.Tensor:
+        embed = self.llm.get_input_embeddings()
+        embeds = embed(batch.input_ids)
+        images = self.image_embeddings(batch.visual, batch.visual_is_features).to(embeds.dtype)
+        expected = batch.image_mask.sum(dim=1)
+        if not bool((expected == self.image_tokens).all()):
+            raise ValueError(f"each sample needs {self.image_tokens} image slots, got {expected.tolist()}")
+        return embeds.masked_scatter(batch.image_mask.unsqueeze(-1), images)
+
+    def forward(self, batch: Batch) -> Output:
+        if batch.labels is None:
+            raise ValueError("a training batch needs labels; use InputBuilder.train_batch")
+        out = self.llm(inputs_embeds=self._embeds(batch), attention_mask=batch.attention_mask, labels=batch.labels)
+        return Output(out.loss, int((batch.labels[:, 1:] != IGNORE_INDEX).sum()))
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, max_new_tokens: int = 256, **generate_kwargs) -> list[Generation]:
+        """Greedy unless `generate_kwargs` say otherwise; probabilities are the model's softmax at each step."""
+        gen = self.llm.generate(
+            inputs_embeds=self._embeds(batch), attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+            do_sample=generate_kwargs.pop("do_sample", False), num_beams=1, output_logits=True,
+            return_dict_in_generate=True, pad_token_id=self.inputs.pad, eos_token_id=self.inputs.eos,
+            **generate_kwargs)
+        probs = torch.stack([F.softmax(step.float(), dim=-1) for step in gen.logits], dim=1)  # [B, T, V]
+        sequences = gen.sequences[:, -probs.shape[1]:]
+        chosen = probs.gather(-1, sequences.unsqueeze(-1)).squeeze(-1)
+        results = []
+        for row, row_probs in zip(sequences.tolist(), chosen.tolist()):
+            n = row.index(self.inputs.eos) if self.inputs.eos in row else len(row)
+            ids = row[:n]
+            results.append(Generation(self.tokenizer.decode(ids, skip_special_tokens=True), ids,
+                                      self.tokenizer.convert_ids_to_tokens(ids), row_probs[:n]))
+        return results
+
+
+def choose_attention(requested: str) -> str:
+    """`auto` -> flash_attention_2 when flash-attn imports and the GPU is Ampere or newer, else sdpa."""
+    if requested != "auto":
+        choice, reason = requested, "as configured"
+    elif importlib.util.find_spec("flash_attn") is None:
+        choice, reason = "sdpa", "flash-attn is not installed"
+    elif not torch.cuda.is_available():
+        choice, reason = "sdpa", "no CUDA device"
+    elif torch.cuda.get_device_capability()[0] < 8:
+        choice, reason = "sdpa", "the GPU predates Ampere (flash-attention 2 needs sm80+)"
+    else:
+        try:
+            import flash_attn  # noqa: F401
+            choice, reason = "flash_attention_2", "flash-attn imports and the GPU supports it"
+        except ImportError as exc:
+            choice, reason = "sdpa", f"flash-attn fails to import ({exc})"
+    log.info("attention implementation: %s (%s)", choice, reason)
+    return choice
+
+
+def _check_local(source: str, what: str) -> None:
+    if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
+        raise ConfigError(f"{what} {source} does not exist (for a tiny preset, build it with "
+                          "`litegpt tiny-weights --config <model config>`)")
+
+
+def build_llm(cfg: LLMConfig, lora: LoraSettings | None, load_weights: bool = True) -> nn.Module:
+    """The causal LM (weights from `source`, or random from `arch`), with LoRA if configured; base frozen."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    meta = torch.empty(0).device.type == "meta"
+    attn = "sdpa" if meta else choose_attention(cfg.attn_implementation)
+    dtype = torch_dtype(cfg.dtype)
+    if load_weights and cfg.source is not None and not meta:
+        _check_local(cfg.source, "llm.source")
+        kwargs = {}
+        if cfg.load_in_8bit:
+            kwargs["quantization_config"] = _eight_bit_config()
+        model = AutoModelForCausalLM.from_pretrained(cfg.source, dtype=dtype, attn_implementation=attn, **kwargs)
+    else:
+        arch = resolve_arch(cfg.arch, "llm")
+        if arch is None:
+            if cfg.source is None:
+                raise ConfigError("llm: neither `source` nor `arch` is given")
+            _check_local(cfg.source, "llm.source")
+            config = AutoConfig.from_pretrained(cfg.source)
+        else:
+            arch = dict(arch)
+            config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    model.requires_grad_(False)
+    if lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.load_in_8bit:
+        model = prepare_model_for_kbit_training(model)
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+
+
+def _eight_bit_config():
+    """LLM.int8 as the authors load Llama-2 (reference mode only)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("llm.load_in_8bit needs the bitsandbytes package (pip install bitsandbytes)")
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        warnings.warn("8-bit (LLM.int8) training is known to break on Hopper GPUs; prefer bf16", stacklevel=3)
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_tokenizer(cfg: LLMConfig):
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or cfg.source
+    if source is None:
+        raise ConfigError("llm: a tokenizer needs `tokenizer` or `source`")
+    _check_local(source, "tokenizer")
+    return AutoTokenizer.from_pretrained(source)
+
+
+def build_model(cfg: ModelConfig, *, load_weights: bool = True, with_encoders: bool = True) -> LiteGPT:
+    """The model on the current default device; under `torch.device("meta")` no weights are read.
+
+    `with_encoders=False` leaves the encoders out (training on cached features). The MiniGPT-v2
+    checkpoint, if configured, initialises the last projector layer and the LoRA weights.
+    """
+    meta = torch.empty(0).device.type == "meta"
+    load = load_weights and not meta
+    backbone_geometry(cfg.vision)  # refuse inconsistent encoders before loading anything
+    vision = VisualBackbone(cfg.vision, load_weights=load) if with_encoders else None
+    llm = build_llm(cfg.llm, cfg.lora, load_weights=load)
+    tokenizer = load_tokenizer(cfg.llm) if not meta else None
+    model = LiteGPT(cfg, llm, tokenizer, vision)
+    model.projector.to(torch_dtype(cfg.llm.dtype))
+    model.merge.to(torch_dtype(cfg.llm.dtype))
+    if load and cfg.minigpt_checkpoint:
+        from litegpt.minigpt import import_minigpt
+        import_minigpt(model, cfg.minigpt_checkpoint)
+    return model
+
+
+def parameter_counts(module: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in module.parameters()) - trainable

@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             loss = engine(batch).loss
             # One all-reduce per micro-batch: [any rank non-finite, loss sum, any rank asked to stop]
             bad = not torch.isfinite(loss).item() or state["step"] + 1 in inject
-            shared = torch.tensor([float(bad), 0.0 if bad else loss.item(), float(preemption.requested)])
+            shared = torch.tensor([float(bad), 0.0 if bad else loss.item(), float(preemption.requested)],
+                                  device=engine.device)  # NCCL reduces only device tensors
             dist.all_reduce(shared)
             bad, stop_requested = shared[0].item() > 0, shared[2].item() > 0
             if bad:  # every rank skips together: a zero gradient keeps DeepSpeed's accumulation in step

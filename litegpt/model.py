@@ -328,7 +328,8 @@ def build_llm(cfg: LLMConfig, lora: LoraSettings | None, load_weights: bool = Tr
     if cfg.load_in_8bit:
         model = prepare_model_for_kbit_training(model)
     return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+                                            target_modules=list(lora.target_modules),
+                                            modules_to_save=list(lora.modules_to_save) or None, task_type="CAUSAL_LM"))
 
 
 def _eight_bit_config():

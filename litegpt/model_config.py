@@ -85,6 +85,9 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # Modules trained in full and saved with the adapter (peft's modules_to_save), e.g. embed_tokens and
+    # lm_head for a small model that has to learn its vocabulary; empty for the paper.
+    modules_to_save: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     # ---- the stage's export
     if rank == 0:
         save_export(engine.module, stage_dir / "export", {"stage": cfg.stage.name, "step": state["step"],
-                                                          "tasks": list(cfg.stage.tasks)})
+                                                          "tasks": list(cfg.stage.tasks),
+                                                          "task_token": cfg.stage.task_token})
         print(f"stage {cfg.stage.name} done: export in {stage_dir / 'export'}, TensorBoard: "
               f"tensorboard --logdir {stage_dir / 'tensorboard'} --host 127.0.0.1", flush=True)
     dist.barrier()

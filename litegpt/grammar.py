@@ -130,11 +130,16 @@ def render_answer(task: str, sample: Mapping[str, Any]) -> str:
 
 @dataclass
 class Parsed:
-    """What a generation says: boxes (0..100, text order), labels (ALL_LABELS order), and the rest."""
+    """What a generation says: boxes (0..100, text order), labels (ALL_LABELS order), and the rest.
+
+    `box_spans[i]` is the character span (start, end) of finding i's `{...}` text in the parsed string,
+    so per-token scores can be attributed to each box (`metrics.box_confidences`).
+    """
 
     findings: list[tuple[str, Box]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     unparsed: list[str] = field(default_factory=list)
+    box_spans: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -201,16 +206,17 @@ def parse(text: str) -> Parsed:
                 continue
             label = _label_of(label_match)
             mentioned.add(label)
-            boxes = [b.group() for b in _BOX_RE.finditer(m.group("boxes"))]
+            boxes = list(_BOX_RE.finditer(text, m.start("boxes"), m.end("boxes")))
             if label not in LOCAL_LABELS or not boxes:
                 out.unparsed.append(m.group())
                 continue
             for raw in boxes:
-                box = _parse_box(raw)
+                box = _parse_box(raw.group())
                 if box is None:
-                    out.unparsed.append(raw)
+                    out.unparsed.append(raw.group())
                 else:
                     out.findings.append((label, box))
+                    out.box_spans.append(raw.span())
         elif m.group("box") is not None:
             out.unparsed.append(m.group())
         elif m.group("phrase") is None:

@@ -328,3 +328,29 @@ def test_rendered_findings_parse_back(findings):
 def test_rendered_diagnoses_parse_back(labels):
     p = parse(render_diagnoses(labels))
     assert (p.labels, p.complete) == ([g for g in GLOBAL_LABELS if g in labels], True)
+
+
+# ---- box spans ------------------------------------------------------------------------------------------
+
+def test_box_spans_locate_each_parsed_box_in_the_text():
+    text = ("Local diseases of this chest radiograph are <p>Cardiomegaly</p> {<38><49><82><63>},"
+            "<p>Nodule/Mass</p> {<1><2><3><4>}<delim>{<5><6><777><8>} and {<9><9><9><9>}"
+            "<p>Nodule/Mass</p>{ <10> <20> <30> <40> }.")
+    p = parse(text)
+    # By hand: the valid boxes, in text order; the bad one (777) and the stray one have no span.
+    starts = [text.index("{<38>"), text.index("{<1>"), text.index("{ <10>")]
+    ends = [text.index("}", s) + 1 for s in starts]
+    assert p.box_spans == list(zip(starts, ends))
+    assert [b for _, b in p.findings] == [(38, 49, 82, 63), (1, 2, 3, 4), (10, 20, 30, 40)]
+    assert "{<5><6><777><8>}" in p.unparsed and "{<9><9><9><9>}" in p.unparsed
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(FRAGMENTS)).map("".join))
+def test_box_spans_align_with_findings(text):
+    p = parse(text)
+    assert len(p.box_spans) == len(p.findings)
+    for (start, end), finding in zip(p.box_spans, p.findings):
+        box_text = text[start:end]
+        assert box_text.startswith("{") and box_text.endswith("}")
+        assert grammar._parse_box(box_text) == finding[1]

@@ -1,0 +1,93 @@
+"""`litegpt predict`: a trained stage on one new image -> findings with boxes and diagnoses as JSON, and an overlay.
+
+    litegpt predict image.dcm --run runs/<run>/<stage> [--out overlay.png] [--task identify|vqa|both]
+
+The file goes through prepare's conversion (`convert_dicom`; PNG/JPEG/TIFF/BMP by their suffix through
+`convert_image_file`), longer side at most `--max-side` (1024, as prepare), then the live encoders and
+the same generation as `litegpt evaluate`. Boxes are given normalised (0..1, as the model says them) and
+in the ORIGINAL image's pixels (`box_px`, what a viewer needs to draw them on the DICOM), each with a
+confidence: the mean probability of the tokens that wrote it (evaluate's box_scores). JSON goes to
+stdout and nothing else does; the overlay (the converted image with the boxes) beside the input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from litegpt.dicom import ConvertConfig, ConvertedImage, DicomError, convert_dicom, convert_image_file
+from litegpt.evaluate import (
+    Decoding, EvalError, Stage, add_generation_arguments, box_scores, decoding_from_args, generate,
+    inference_device, load_model, load_stage,
+)
+from litegpt.grammar import parse
+from litegpt.inspect import draw_boxes
+from litegpt.labels import GLOBAL_LABELS
+from litegpt.metrics import TASKS
+from litegpt.model_config import ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def convert(path: Path, max_side: int) -> ConvertedImage:
+    """The image as prepare would store it; raises DicomError naming the file when it cannot be read."""
+    if not path.is_file():
+        raise DicomError(f"{path}: no such file")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return convert_image_file(path, max_side)
+    return convert_dicom(path, ConvertConfig(max_side=max_side))
+
+
+def predict(model, stage: Stage, image: ConvertedImage, tasks: Sequence[str], decoding: Decoding) -> dict:
+    """The findings (label, box_norm, box_px, confidence), diagnoses, raw texts and unread fragments."""
+    pixels = model.vision.preprocess(Image.fromarray(image.pixels))
+    result: dict = {"findings": [], "diagnoses": [], "text": {}, "unparsed": []}
+    labels: set[str] = set()
+    for task in tasks:
+        (generation,) = generate(model, stage, task, ["input"], [pixels], False, decoding, chunk=0)
+        parsed = parse(generation.text)
+        for (label, box), confidence in zip(parsed.findings, box_scores(model.tokenizer, generation)):
+            norm = [v / 100 for v in box]
+            scale = (image.cols, image.rows, image.cols, image.rows)
+            result["findings"].append({"label": label, "box_norm": norm,
+                                       "box_px": [round(v * s) for v, s in zip(norm, scale)],
+                                       "confidence": confidence})
+        labels.update(parsed.labels)
+        result["text"][task] = generation.text
+        result["unparsed"] += [{"task": task, "fragment": f} for f in parsed.unparsed]
+    result["diagnoses"] = [g for g in GLOBAL_LABELS if g in labels]
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, help="a DICOM, PNG or JPEG chest radiograph")
+    parser.add_argument("--run", type=Path, required=True, help="a trained stage, e.g. runs/tiny/stage2")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="overlay PNG (default: <file stem>.overlay.png beside the file)")
+    parser.add_argument("--task", choices=(*TASKS, "both"), default=None, help="default: the tasks the stage trained")
+    parser.add_argument("--max-side", type=int, default=1024, help="longer side after conversion (default 1024)")
+    add_generation_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        decoding = decoding_from_args(args)
+        image = convert(args.file, args.max_side)
+        stage = load_stage(args.run)
+        tasks = stage.tasks if args.task is None else TASKS if args.task == "both" else (args.task,)
+        model = load_model(stage, with_encoders=True, device=inference_device())
+    except (DicomError, EvalError, ConfigError, FileNotFoundError) as exc:
+        print(f"litegpt predict: {exc}", file=sys.stderr)
+        return 1
+    result = {"file": str(args.file), **predict(model, stage, image, tasks, decoding)}
+    overlay = args.out or args.file.with_name(f"{args.file.stem}.overlay.png")
+    boxes = [(f["label"], f["box_norm"]) for f in result["findings"]]
+    draw_boxes(Image.fromarray(image.pixels), boxes).save(overlay)
+    result["overlay"] = str(overlay)
+    print(json.dumps(result, indent=1))
+    return 0

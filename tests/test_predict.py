@@ -1,0 +1,105 @@
+"""`litegpt predict` on a real chest radiograph (pydicom's RG1_UNCR.dcm, 1841 x 1955) with a real tiny export.
+
+The random model writes no parseable box, so the geometry test replaces the generated text (only) with a
+known answer written in the tiny tokenizer's tokens and checks pixel boxes and confidences by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from litegpt import predict
+from litegpt.cli import main
+from litegpt.export import save_export
+from litegpt.inspect import label_colour
+from litegpt.model import Generation
+
+RADIOGRAPH = Path(get_testdata_file("RG1_UNCR.dcm", download=False))
+COLS, ROWS = 1841, 1955
+KEYS = {"file", "findings", "diagnoses", "text", "unparsed", "overlay"}
+
+
+@pytest.fixture(scope="module")
+def stage(tiny_model, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("run") / "stage2"
+    save_export(tiny_model, directory / "export", {"stage": "stage2", "step": 3, "tasks": ["vqa"]})
+    return directory
+
+
+def run_predict(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["predict", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_predict_on_a_real_dicom_prints_json_and_writes_an_overlay(stage, tmp_path, capsys):
+    overlay = tmp_path / "overlay.png"
+    code, out, _ = run_predict(capsys, str(RADIOGRAPH), "--run", str(stage), "--out", str(overlay),
+                               "--task", "both", "--max-new-tokens", "32")
+    assert code == 0
+    result = json.loads(out)  # stdout holds the JSON and nothing else
+    assert set(result) == KEYS
+    assert set(result["text"]) == {"identify", "vqa"} and all(isinstance(t, str) for t in result["text"].values())
+    for finding in result["findings"]:
+        x0, y0, x1, y1 = finding["box_px"]
+        assert 0 <= x0 <= x1 <= COLS and 0 <= y0 <= y1 <= ROWS
+    assert result["overlay"] == str(overlay)
+    with Image.open(overlay) as picture:
+        assert picture.format == "PNG" and max(picture.size) == 1024  # prepare's conversion: longer side 1024
+
+
+def test_default_tasks_and_overlay_path_follow_the_stage_and_the_input(stage, tmp_path, capsys):
+    source = tmp_path / "chest.png"
+    Image.fromarray(np.full((90, 120), 100, dtype=np.uint8)).save(source)
+    code, out, _ = run_predict(capsys, str(source), "--run", str(stage), "--max-new-tokens", "8")
+    assert code == 0
+    result = json.loads(out)
+    assert set(result["text"]) == {"vqa"}  # the stage's tasks
+    assert result["overlay"] == str(tmp_path / "chest.overlay.png")
+    with Image.open(result["overlay"]) as picture:
+        assert picture.size == (120, 90)
+
+
+def test_boxes_come_back_in_original_pixels_with_their_confidence(stage, tmp_path, capsys, monkeypatch, tiny_model):
+    box = "{<10><20><50><80>}"
+    text = f"Local diseases of this chest radiograph are <p>Cardiomegaly</p> {box}."
+    tokenizer = tiny_model.tokenizer
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    probs = [0.5 + i / (4 * len(ids)) for i in range(len(ids))]
+
+    def fake_generate(model, stage, task, keys, visual, features, decoding, chunk):
+        assert not features and set(visual[0]) == set(model.encoder_names)  # live encoder inputs
+        return [Generation(text, ids, tokenizer.convert_ids_to_tokens(ids), probs)]
+
+    monkeypatch.setattr(predict, "generate", fake_generate)
+    overlay = tmp_path / "boxes.png"
+    code, out, _ = run_predict(capsys, str(RADIOGRAPH), "--run", str(stage), "--task", "identify",
+                               "--out", str(overlay))
+    assert code == 0
+    (finding,) = json.loads(out)["findings"]
+    assert finding["label"] == "Cardiomegaly"
+    assert finding["box_norm"] == [0.1, 0.2, 0.5, 0.8]
+    assert finding["box_px"] == [round(0.1 * COLS), round(0.2 * ROWS), round(0.5 * COLS), round(0.8 * ROWS)]
+    start = text.index(box)
+    covering = [p for p, (s, e) in zip(probs, offsets) if s < start + len(box) and e > start]
+    assert finding["confidence"] == pytest.approx(sum(covering) / len(covering))
+    with Image.open(overlay) as picture:
+        w, h = picture.size
+        assert picture.convert("RGB").getpixel((round(0.1 * w), round(0.5 * h))) == label_colour("Cardiomegaly")
+
+
+def test_unreadable_input_fails_with_one_message_naming_the_file(stage, tmp_path, capsys):
+    fake = tmp_path / "notes.dcm"
+    fake.write_text("this is not a DICOM file\n")
+    code, out, err = run_predict(capsys, str(fake), "--run", str(stage))
+    assert code == 1 and out == ""
+    assert str(fake) in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_predict(capsys, str(tmp_path / "missing.dcm"), "--run", str(stage))
+    assert code == 1 and "missing.dcm: no such file" in err

@@ -167,69 +167,69 @@ def main(argv: list[str] | None = None) -> int:
     batches_per_epoch = steps_per_epoch * cfg.train.grad_accum
     nonfinite_in_a_row, micro_losses = 0, []
     skipped_before = engine.skipped_steps
-    while state["step"] < total_steps:
+    batches = stream.batches(state["epoch"], skip=state["batch_in_epoch"], per_epoch=batches_per_epoch)
+    fetched = time.perf_counter()
+    for _, batch in batches if state["step"] < total_steps else ():
+        state["truncated_answers"] += batch.truncated
+        state["dropped_samples"] += len(batch.dropped)
+        batch = batch.to(engine.device)
+        data_seconds = time.perf_counter() - fetched
+        loss = engine(batch).loss
+        # One all-reduce per micro-batch: [any rank non-finite, loss sum, any rank asked to stop]
+        bad = not torch.isfinite(loss).item() or state["step"] + 1 in inject
+        shared = torch.tensor([float(bad), 0.0 if bad else loss.item(), float(preemption.requested)],
+                              device=engine.device)  # NCCL reduces only device tensors
+        dist.all_reduce(shared)
+        bad, stop_requested = shared[0].item() > 0, shared[2].item() > 0
+        if bad:  # every rank skips together: a zero gradient keeps DeepSpeed's accumulation in step
+            state["skipped_microbatches"] += 1
+            loss = sum((p * 0).sum() for p in engine.module.parameters() if p.requires_grad)
+        lr = scheduler.get_last_lr()[0]  # the rate this step applies
+        engine.backward(loss)
+        engine.step()
+        micro_losses.append(math.nan if bad else shared[1].item() / world)
+        monitor.micro_batch(len(batch.keys), int(batch.attention_mask.sum()), batch.input_ids.shape[1],
+                            model.image_tokens * len(batch.keys), data_seconds)
+        state["batch_in_epoch"] += 1
+        state["samples_seen"] += len(batch.keys) * world
         fetched = time.perf_counter()
-        for batch in stream.epoch(state["epoch"], skip=state["batch_in_epoch"], stop=batches_per_epoch):
-            state["truncated_answers"] += batch.truncated
-            state["dropped_samples"] += len(batch.dropped)
-            batch = batch.to(engine.device)
-            data_seconds = time.perf_counter() - fetched
-            loss = engine(batch).loss
-            # One all-reduce per micro-batch: [any rank non-finite, loss sum, any rank asked to stop]
-            bad = not torch.isfinite(loss).item() or state["step"] + 1 in inject
-            shared = torch.tensor([float(bad), 0.0 if bad else loss.item(), float(preemption.requested)],
-                                  device=engine.device)  # NCCL reduces only device tensors
-            dist.all_reduce(shared)
-            bad, stop_requested = shared[0].item() > 0, shared[2].item() > 0
-            if bad:  # every rank skips together: a zero gradient keeps DeepSpeed's accumulation in step
-                state["skipped_microbatches"] += 1
-                loss = sum((p * 0).sum() for p in engine.module.parameters() if p.requires_grad)
-            lr = scheduler.get_last_lr()[0]  # the rate this step applies
-            engine.backward(loss)
-            engine.step()
-            micro_losses.append(math.nan if bad else shared[1].item() / world)
-            monitor.micro_batch(len(batch.keys), int(batch.attention_mask.sum()), batch.input_ids.shape[1],
-                                model.image_tokens * len(batch.keys), data_seconds)
-            state["batch_in_epoch"] += 1
-            state["samples_seen"] += len(batch.keys) * world
-            fetched = time.perf_counter()
-            if state["batch_in_epoch"] % cfg.train.grad_accum:
-                continue
+        if state["batch_in_epoch"] % cfg.train.grad_accum:
+            continue
 
-            # ---- an optimizer step ended
-            state["step"] += 1
-            epoch = state["epoch"]
-            if state["batch_in_epoch"] == batches_per_epoch:
-                state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
-            finite = [v for v in micro_losses if not math.isnan(v)]
-            step_loss = sum(finite) / len(finite) if finite else math.nan
-            overflowed, skipped_before = engine.skipped_steps > skipped_before, engine.skipped_steps
-            nonfinite_in_a_row = nonfinite_in_a_row + 1 if (not finite or overflowed) else 0
-            micro_losses = []
-            grad_norm = engine.get_global_grad_norm()
-            counters = {k: state[k] for k in ("skipped_microbatches", "truncated_answers", "dropped_samples")}
-            counters["skipped_steps"] = engine.skipped_steps
-            monitor.step(state["step"], step_loss, lr, None if grad_norm is None else float(grad_norm), counters)
-            if metrics_log:
-                metrics_log.write(json.dumps({"step": state["step"], "epoch": epoch, "loss": step_loss,
-                                              "lr": lr, **counters}) + "\n")
-                metrics_log.flush()
-            if nonfinite_in_a_row >= cfg.train.max_nonfinite:
-                if rank == 0:
-                    print(f"train.py: {nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                          f"norm (limit train.max_nonfinite); stopping. Lower optim.lr, check the data, or resume "
-                          f"from the last good checkpoint in {checkpointer.directory}", file=sys.stderr)
-                return 3
-            if stop_requested:
-                save()
-                if rank == 0:
-                    print(f"train.py: preemption signal: checkpoint written at step {state['step']}; "
-                          f"exit {PREEMPTED} to be requeued", flush=True)
-                return PREEMPTED
-            if state["step"] % cfg.checkpoint.save_every == 0 or state["step"] == total_steps:
-                save()
-            if state["step"] >= total_steps:
-                break
+        # ---- an optimizer step ended
+        state["step"] += 1
+        epoch = state["epoch"]
+        if state["batch_in_epoch"] == batches_per_epoch:
+            state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+        finite = [v for v in micro_losses if not math.isnan(v)]
+        step_loss = sum(finite) / len(finite) if finite else math.nan
+        overflowed, skipped_before = engine.skipped_steps > skipped_before, engine.skipped_steps
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if (not finite or overflowed) else 0
+        micro_losses = []
+        grad_norm = engine.get_global_grad_norm()
+        counters = {k: state[k] for k in ("skipped_microbatches", "truncated_answers", "dropped_samples")}
+        counters["skipped_steps"] = engine.skipped_steps
+        monitor.step(state["step"], step_loss, lr, None if grad_norm is None else float(grad_norm), counters)
+        if metrics_log:
+            metrics_log.write(json.dumps({"step": state["step"], "epoch": epoch, "loss": step_loss,
+                                          "lr": lr, **counters}) + "\n")
+            metrics_log.flush()
+        if nonfinite_in_a_row >= cfg.train.max_nonfinite:
+            if rank == 0:
+                print(f"train.py: {nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                      f"norm (limit train.max_nonfinite); stopping. Lower optim.lr, check the data, or resume "
+                      f"from the last good checkpoint in {checkpointer.directory}", file=sys.stderr)
+            return 3
+        if stop_requested:
+            save()
+            if rank == 0:
+                print(f"train.py: preemption signal: checkpoint written at step {state['step']}; "
+                      f"exit {PREEMPTED} to be requeued", flush=True)
+            return PREEMPTED
+        if state["step"] % cfg.checkpoint.save_every == 0 or state["step"] == total_steps:
+            save()
+        if state["step"] >= total_steps:
+            break
 
     # ---- the stage's export
     if rank == 0:

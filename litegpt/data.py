@@ -105,15 +105,29 @@ class TrainStream:
             wds.map(self.collate),
         )
 
-    def epoch(self, epoch: int, skip: int = 0, stop: int | None = None) -> Iterator:
-        """Micro-batches `skip` (consumed before a restart) to `stop` of `epoch` for this rank."""
+    def _loader(self, epoch: int, skip: int, stop: int) -> Iterator:
+        """Micro-batches `skip` to `stop` of `epoch` for this rank; its workers start right away."""
         workers = min(self.spec.num_workers, len(self.spec.urls[self.rank::self.world_size]))
         # Its own generator: the loader must not draw from the global RNG, which LoRA dropout uses and a
         # resumed run restores.
         generator = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + epoch)
         loader = torch.utils.data.DataLoader(self._pipeline(epoch), batch_size=None, num_workers=workers,
                                              collate_fn=_as_is, persistent_workers=False, generator=generator)
-        return itertools.islice(iter(loader), skip, self.batches_per_epoch if stop is None else stop)
+        return itertools.islice(iter(loader), skip, stop)
+
+    def batches(self, epoch: int, skip: int = 0, per_epoch: int | None = None) -> Iterator[tuple[int, object]]:
+        """(epoch, batch) from batch `skip` of `epoch` on, epoch after epoch, without end.
+
+        The next epoch's loader is started when an epoch begins, so its workers have forked and
+        prefetched by the time it is needed (a fresh loader per epoch keeps every epoch's order exact).
+        """
+        stop = self.batches_per_epoch if per_epoch is None else per_epoch
+        current = self._loader(epoch, skip, stop)
+        while True:
+            upcoming = self._loader(epoch + 1, 0, stop)
+            for batch in current:
+                yield epoch, batch
+            current, epoch = upcoming, epoch + 1
 
 
 def _as_is(batch):

@@ -103,7 +103,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def build_dataclass(cls: type, data: Any, where: str) -> Any:
     """Build dataclass `cls` from plain data, refusing unknown keys and wrong types with the key's path."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -137,7 +137,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+        return build_dataclass(hint, value, where)
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
@@ -177,7 +177,7 @@ def _validate(cfg: ModelConfig) -> ModelConfig:
 
 
 def model_config_from_dict(data: dict, where: str = "model config") -> ModelConfig:
-    return _validate(_build(ModelConfig, data, where))
+    return _validate(build_dataclass(ModelConfig, data, where))
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from litegpt.model_config import ConfigError, _build
+from litegpt.model_config import ConfigError, build_dataclass
 
 TASKS = ("identify", "vqa")
 
@@ -121,7 +121,7 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
             raise ConfigError(f"--set {item!r}: expected key.sub=value")
         key, value = item.split("=", 1)
         _set(data, key.strip(), value)
-    return validate(_build(TrainConfig, data, str(path)))
+    return validate(build_dataclass(TrainConfig, data, str(path)))
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:

@@ -55,7 +55,8 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> tuple[int, str]:
     tmp = path.with_name(f".{path.name}.tmp")
     count = 0
     try:
-        with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        with open(tmp, "wb") as raw, tarfile.open(fileobj=(fh := _HashingWriter(raw)), mode="w",
+                                                  format=tarfile.USTAR_FORMAT) as tar:
             for sample in samples:
                 for ext, data in sample.members.items():
                     info = tarfile.TarInfo(f"{sample.key}.{ext}")
@@ -64,14 +65,27 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> tuple[int, str]:
                     tar.addfile(info, io.BytesIO(data))
                 count += 1
             tar.close()
-            fh.flush()
-            os.fsync(fh.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    digest = sha256_file(tmp)
     os.replace(tmp, path)
-    return count, digest
+    return count, fh.digest.hexdigest()
+
+
+class _HashingWriter:
+    """A write-only file that hashes what passes through, so a shard is not read back to hash it."""
+
+    def __init__(self, raw) -> None:
+        self.raw, self.digest = raw, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.raw.tell()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache-features": ("litegpt.features", "run the frozen encoders once over a shard set and write the feature cache"),
     "evaluate": ("litegpt.evaluate", "generate on a shard split with a trained stage and write predictions, metrics and a report"),
     "predict": ("litegpt.predict", "run a trained stage on one DICOM/PNG/JPEG: findings, boxes and diagnoses as JSON, plus an overlay"),
+    "demo": ("litegpt.demo", "the whole pipeline on the tiny preset and synthetic data, model beside a prior baseline"),
 }
 
 

@@ -34,8 +34,27 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
+class TokenBatchNorm(nn.Module):
+    """BatchNorm of every (token, channel) over the images of a batch, without affine parameters.
+
+    Each position's feature is standardised over the data, so what all images share (the average
+    chest, most of a random encoder's output) is removed and what differs between them is what the
+    projector sees. Training normalises with the micro-batch's statistics (so a rank's loss never
+    depends on state another rank holds); evaluation with the running ones, saved in the export.
+    """
+
+    def __init__(self, n_tokens: int, width: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(n_tokens * width, affine=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.training and tokens.shape[0] < 2:
+            raise ValueError("merge.norm = batch needs at least 2 samples per micro-batch when training")
+        return self.norm(tokens.flatten(1)).view_as(tokens)
+
+
 class TokenMerge(nn.Module):
-    """LayerNorm over the concatenated tokens, then k adjacent tokens reshaped into one ([B, N, C] -> [B, N/k, kC])."""
+    """A norm of the concatenated tokens, then k adjacent tokens reshaped into one ([B, N, C] -> [B, N/k, kC])."""
 
     def __init__(self, n_tokens: int, width: int, k: int, norm: str):
         super().__init__()
@@ -45,6 +64,8 @@ class TokenMerge(nn.Module):
         self.n_tokens, self.width, self.k = n_tokens, width, k
         if norm == "none":
             self.norm: nn.Module = nn.Identity()
+        elif norm == "batch":
+            self.norm = TokenBatchNorm(n_tokens, width)
         else:
             self.norm = nn.LayerNorm(width, elementwise_affine=norm == "learnable")
 

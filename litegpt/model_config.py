@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,7 +59,9 @@ class VisionConfig:
 @dataclass(frozen=True)
 class MergeConfig:
     k: int = 5  # adjacent tokens merged into one
-    norm: str = "frozen"  # frozen: parameter-free LayerNorm (the authors'); learnable: affine LayerNorm; none
+    # frozen: parameter-free LayerNorm over channels (the authors'); learnable: affine LayerNorm; batch:
+    # BatchNorm of every token position and channel (random tiny encoders, see model.TokenBatchNorm); none
+    norm: str = "frozen"
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,9 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def build_dataclass(cls: type, data: Any, where: str) -> Any:
@@ -149,6 +155,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string
     if hint is dict and isinstance(value, dict):
         return value
     if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
@@ -168,8 +176,8 @@ def _validate(cfg: ModelConfig) -> ModelConfig:
             raise ConfigError(f"{dtype_key}: {value!r} is not one of {', '.join(DTYPES)}")
     if cfg.merge.k < 1:
         raise ConfigError(f"merge.k: must be >= 1, got {cfg.merge.k}")
-    if cfg.merge.norm not in ("frozen", "learnable", "none"):
-        raise ConfigError(f"merge.norm: {cfg.merge.norm!r} is not one of frozen, learnable, none")
+    if cfg.merge.norm not in ("frozen", "learnable", "batch", "none"):
+        raise ConfigError(f"merge.norm: {cfg.merge.norm!r} is not one of frozen, learnable, batch, none")
     if cfg.llm.attn_implementation not in ("auto", "flash_attention_2", "sdpa", "eager"):
         raise ConfigError(f"llm.attn_implementation: {cfg.llm.attn_implementation!r} is not one of "
                           "auto, flash_attention_2, sdpa, eager")

@@ -10,7 +10,8 @@ import torch
 from litegpt.minigpt import MiniGPTImportError, import_minigpt
 from litegpt.model import build_model
 
-LAYERS, HIDDEN, R, PROJ_HIDDEN = 2, 64, 8, 128  # configs/model_tiny.yaml
+LAYERS, HIDDEN, PROJ_HIDDEN = 4, 128, 128  # configs/model_tiny.yaml
+R = 8  # the LoRA MiniGPT-v2 saves: r on q_proj and v_proj (the tiny preset's own LoRA is wider; see qv_config)
 
 
 def minigpt_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -27,8 +28,15 @@ def minigpt_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def model(tiny_config):
-    return build_model(tiny_config, with_encoders=False)
+def qv_config(tiny_config):
+    """The tiny preset with the paper's LoRA layout (q_proj and v_proj only, no modules_to_save) at rank R."""
+    lora = dataclasses.replace(tiny_config.lora, r=R, target_modules=("q_proj", "v_proj"), modules_to_save=())
+    return dataclasses.replace(tiny_config, lora=lora)
+
+
+@pytest.fixture
+def model(qv_config):
+    return build_model(qv_config, with_encoders=False)
 
 
 def _save(path, state):
@@ -54,10 +62,10 @@ def test_import_any_file_name(model, tmp_path):
             assert torch.equal(params[f"{ours}.lora_B.default.weight"], state[f"{theirs}.lora_B.weight"].float())
 
 
-def test_import_through_the_model_config(tiny_config, tmp_path):
+def test_import_through_the_model_config(qv_config, tmp_path):
     state = minigpt_state(1)
     path = _save(tmp_path / "checkpoint.bin", state)
-    model = build_model(dataclasses.replace(tiny_config, minigpt_checkpoint=str(path)), with_encoders=False)
+    model = build_model(dataclasses.replace(qv_config, minigpt_checkpoint=str(path)), with_encoders=False)
     assert torch.equal(model.projector[2].bias, state["llama_proj.bias"].float())
 
 
@@ -80,14 +88,15 @@ def test_missing_key_is_named_and_nothing_changes(model, tmp_path):
 def test_misshaped_key_is_named(model, tmp_path):
     state = minigpt_state()
     state["llama_proj.weight"] = torch.zeros(HIDDEN, 5632)  # the real MiniGPT-v2 width into a tiny projector
-    with pytest.raises(MiniGPTImportError, match=r"llama_proj\.weight: checkpoint \(64, 5632\), model \(64, 128\)"):
+    shapes = rf"checkpoint \({HIDDEN}, 5632\), model \({HIDDEN}, {PROJ_HIDDEN}\)"
+    with pytest.raises(MiniGPTImportError, match=rf"llama_proj\.weight: {shapes}"):
         import_minigpt(model, _save(tmp_path / "b.pth", state))
 
 
-def test_other_lora_rank_is_refused(tiny_config, tmp_path):
-    model = build_model(dataclasses.replace(tiny_config, lora=dataclasses.replace(tiny_config.lora, r=4)),
+def test_other_lora_rank_is_refused(qv_config, tmp_path):
+    model = build_model(dataclasses.replace(qv_config, lora=dataclasses.replace(qv_config.lora, r=4)),
                         with_encoders=False)
-    with pytest.raises(MiniGPTImportError, match="8 misshaped"):
+    with pytest.raises(MiniGPTImportError, match=f"{LAYERS * 2 * 2} misshaped"):
         import_minigpt(model, _save(tmp_path / "c.pth", minigpt_state()))
 
 

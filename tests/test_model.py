@@ -43,9 +43,11 @@ def test_paper_trainable_count_on_meta():
 
 def test_tiny_trainable_count_on_meta(tiny_config):
     model = meta_model(tiny_config)
-    projector = (64 * 5 * 128 + 128) + (128 * 64 + 64)
-    lora = 2 * 2 * (64 * 8 + 8 * 64)
-    assert _counts(model)[0] == projector + lora
+    projector = (64 * 5 * 128 + 128) + (128 * 128 + 128)
+    # r 16 on q, k, v, o (128 -> 128), gate, up (128 -> 256) and down (256 -> 128), in 4 layers
+    lora = 4 * (4 * (128 * 16 + 16 * 128) + 3 * (128 * 16 + 16 * 256))
+    embeddings_and_head = 2 * 1024 * 128  # modules_to_save: trained in full
+    assert _counts(model)[0] == projector + lora + embeddings_and_head
 
 
 def test_model_summary_cli(capsys):
@@ -70,6 +72,21 @@ def test_token_merge_is_layernorm_then_adjacent_concat():
     assert out.shape == (2, 2, 15)
     torch.testing.assert_close(out[1, 1], torch.cat([normed[1, i] for i in range(5, 10)]), atol=1e-5, rtol=0)
     assert sum(p.numel() for p in TokenMerge(10, 3, 5, "learnable").parameters()) == 6
+
+
+def test_token_merge_batch_norm_standardises_each_position_and_channel():
+    merge = TokenMerge(10, 3, 5, "batch")
+    assert not list(merge.parameters())
+    x = torch.randn(4, 10, 3) * torch.arange(1, 31).view(10, 3) + torch.randn(10, 3) * 100  # shared offset
+    normed = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(merge(x)[2, 1], torch.cat([normed[2, i] for i in range(5, 10)]), atol=1e-4, rtol=0)
+    merge.eval()  # the running statistics, from that one batch (momentum 0.1 from mean 0, variance 1)
+    mean, var = 0.1 * x.mean(0), 0.9 + 0.1 * x.var(0, unbiased=True)
+    expected = (x - mean) / torch.sqrt(var + 1e-5)
+    torch.testing.assert_close(merge(x)[0, 0], torch.cat([expected[0, i] for i in range(5)]), atol=1e-4, rtol=1e-5)
+    merge.train()
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        merge(x[:1])
 
 
 def _samples(model, n=2, answer=None):
@@ -211,8 +228,10 @@ def test_training_step_changes_only_trainable_parameters(tiny_config):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any(n.startswith("projector.") for n in trainable)
     assert not any("q_proj.base_layer" in n for n in trainable)
-    features = {"biomedclip": torch.randn(196, 64).half(), "pubmedclip": torch.randn(49, 64).half()}
-    batch = model.inputs.train_batch([TrainSample("k", grammar.render_prompt("vqa"), "COPD.", features=features)])
+    batch = model.inputs.train_batch([  # two samples: the tiny preset's merge.norm is a BatchNorm
+        TrainSample(key, grammar.render_prompt("vqa"), "COPD.",
+                    features={"biomedclip": torch.randn(196, 64).half(), "pubmedclip": torch.randn(49, 64).half()})
+        for key in ("a", "b")])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     model(batch).loss.backward()

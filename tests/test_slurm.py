@@ -162,7 +162,8 @@ def train_env(tiny_config, prepared, tmp_path: Path, *overrides: str) -> dict[st
     """Environment for slurm/stage1.sh running the real train.py on the tiny preset (session weights and shards)."""
     model = tmp_path / "model_tiny.yaml"
     model.write_text(yaml.safe_dump(json.loads(json.dumps(tiny_config.to_dict()))))
-    sets = [f"run.dir={tmp_path / 'runs'}", f"data.shards={prepared}", f"model={model}", *overrides]
+    sets = [f"run.dir={tmp_path / 'runs'}", f"data.shards={prepared}", f"model={model}",
+            "train.micro_batch=4", "train.epochs=3", *overrides]  # the session shards are small
     return {"LITEGPT_PYTHON": sys.executable, "LITEGPT_CONFIG": "configs/tiny/stage1.yaml",
             "LITEGPT_TRAIN_ARGS": " ".join(f"--set {item}" for item in sets),
             "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -102,23 +102,27 @@ def test_both_stages_train_checkpoint_and_export(two_rank_run):
     assert first[max(first)] < first[1]  # it learns something
 
 
-def test_checkpoint_consolidates_with_zero_to_fp32(two_rank_run):
+def test_checkpoint_consolidates_with_zero_to_fp32(two_rank_run, tiny_config):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
     stage_dir = two_rank_run / "stage1"
     state = get_fp32_state_dict_from_zero_checkpoint(str(stage_dir / "checkpoints"), exclude_frozen_parameters=True)
-    lora = {k: v for k, v in state.items() if "lora_" in k}
-    assert lora and all("q_proj" in k or "v_proj" in k for k in lora)
+    # what the adapter holds: LoRA on the preset's target modules, and the modules it trains in full
+    trained = {k: v for k, v in state.items() if "lora_" in k or "modules_to_save" in k}
+    lora = [k for k in trained if "lora_" in k]
+    assert lora and all(any(f".{t}.lora_" in k for t in tiny_config.lora.target_modules) for k in lora)
+    assert len(trained) - len(lora) == len(tiny_config.lora.modules_to_save)
     exported = load_file(stage_dir / "export/projector.safetensors")
     for name, tensor in exported.items():
         if name.startswith("projector."):
             assert torch.equal(state[name], tensor), name  # the export is the checkpoint's final weights
     adapter = load_file(stage_dir / "export/adapter/adapter_model.safetensors")
-    assert len(adapter) == len(lora)
+    assert len(adapter) == len(trained)
     for name, tensor in adapter.items():
-        matches = [k for k in lora if k.replace(".default", "").endswith(name.split("base_model.model.", 1)[-1])]
-        assert len(matches) == 1 and torch.equal(lora[matches[0]], tensor), name
+        matches = [k for k in trained if k.replace(".modules_to_save", "").replace(".default", "")
+                   .endswith(name.split("base_model.model.", 1)[-1])]
+        assert len(matches) == 1 and torch.equal(trained[matches[0]], tensor), name
 
 
 def test_stage2_starts_from_stage1_export(two_rank_run):
@@ -234,3 +238,15 @@ def test_bad_configs_are_one_clear_message(recipes, tmp_path):
     done = subprocess.run(cmd[:-1] + [str(REPO / "ds_configs/zero2.json"), "--set", "data.shards=/nonexistent"],
                           cwd=REPO, env=ENV, capture_output=True, text=True)
     assert done.returncode == 2 and "/nonexistent" in done.stderr
+
+
+def test_overrides_read_numbers_as_written():
+    """`--set optim.lr=3e-3` is a float (YAML 1.1 alone reads it as a string); a non-number is refused."""
+    from litegpt.model_config import ConfigError
+    from litegpt.train_config import load_train_config
+
+    recipe = REPO / "configs/tiny/stage1.yaml"
+    cfg = load_train_config(recipe, ["optim.lr=3e-3", "optim.min_lr=1E-5", "optim.weight_decay=.5"])
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == (3e-3, 1e-5, 0.5)
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected float, got 'fast'"):
+        load_train_config(recipe, ["optim.lr=fast"])

@@ -3,7 +3,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_DIR ?= demo
 # Extra flags for `litegpt demo`, e.g. DEMO_ARGS=--fresh or DEMO_ARGS="--train 4000 --seed 1".
 DEMO_ARGS ?=
 
@@ -17,7 +16,7 @@ $(BIN)/litegpt: setup.cfg pyproject.toml requirements/lock.txt
 
 venv: $(BIN)/litegpt
 
-# The pipeline as a user runs it (litegpt/demo.py): synth -> prepare -> tiny-weights -> cache-features ->
+# The pipeline as a user runs it (litegpt/demo.py): synth -> prepare -> inspect -> tiny-weights -> cache-features ->
 # stage 1 -> stage 2 (deepspeed, 2 CPU ranks) -> evaluate each stage on its own task, then the model beside
 # the training-prior baseline. Re-running resumes; DEMO_ARGS=--fresh starts over.
 demo: venv
@@ -27,4 +26,4 @@ test: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 clean-demo:
-	rm -rf $(DEMO_DIR) shards/demo runs/tiny
+	rm -rf demo shards/demo runs/tiny  # what `litegpt demo` writes by default

@@ -90,6 +90,16 @@ def test_baseline_scores_like_a_model(prepared):
     assert metrics["parse"]["all"]["rate"] == 1.0
 
 
+def test_demo_refuses_to_resume_on_other_data(tmp_path):
+    """A checkpoint does not know its data: resuming runs made from other dataset flags is refused up front."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs/demo.json").write_text(json.dumps({"train": 6000, "test": 300, "seed": 0}))
+    done = subprocess.run([sys.executable, "-m", "litegpt.cli", "demo", "--out", str(tmp_path), "--seed", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "trained on another dataset" in done.stderr and "--fresh" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing was synthesised
+
+
 # The slow test runs the demo as `make demo` does (its default 6,000 + 300 images) on data seed 0.
 # Margins over the prior baseline (absolute, 0..1), measured with data seeds 0, 1 and 2 (docs/BENCHMARKS.md,
 # "The demo"): they sit well under the smallest margin measured and well above the seed-to-seed spread.

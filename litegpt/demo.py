@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from litegpt.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "configs/model_tiny.yaml"
@@ -102,12 +103,6 @@ def _tool(name: str) -> list[str]:
     raise DemoError(f"{name} is not installed in {Path(sys.executable).parent}", 2)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Pipeline:
     """Numbered steps, each one command run from the repository root; a failure stops the demo."""
 
@@ -135,7 +130,7 @@ class Pipeline:
             wanted["stage.init_from"] = (recipe["stage"]["init_from"], self.layout.runs / "stage1" / "export")
         overrides = [arg for key, (current, path) in wanted.items() if (REPO / current).resolve() != path
                      for arg in ("--set", f"{key}={path}")]
-        cmd = [*_tool("deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()), "train.py",
+        cmd = [*_tool("deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), "train.py",
                "--deepspeed", DEEPSPEED_CONFIG, "--config", RECIPES[stage], *overrides]
         self.step(f"train {stage} ({', '.join(recipe['stage']['tasks'])}) on {ranks} CPU ranks", cmd)
 

@@ -27,7 +27,8 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous started right after)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -58,7 +59,7 @@ def detect(env: dict[str, str] | None = None, local_rank_arg: int | None = None)
         port = int(env.get("MASTER_PORT", 20000 + job % 20000))  # same on every task of the job
         return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
                        env.get("MASTER_ADDR") or _slurm_master(env), port, "slurm")
-    return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "single")
+    return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()), "single")
 
 
 def export(dist: DistEnv) -> None:

@@ -52,12 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     preemption = Preemption()
 
     # ---- configuration, validated before anything heavy
-    from litegpt.model_config import ConfigError, load_model_config
-    from litegpt.train_config import deepspeed_config, load_train_config
+    import torch
 
     from litegpt import distributed
-
-    import torch
+    from litegpt.model.config import ConfigError, load_model_config
+    from litegpt.train.config import deepspeed_config, load_train_config
 
     on_gpu = torch.cuda.is_available()
     dist_env = distributed.detect(local_rank_arg=args.local_rank)
@@ -89,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
 
     # ---- data: the feature cache (built once, by all ranks) and the stream
-    from litegpt.data import StreamSpec, TrainStream, eligible_counts, feature_visual, image_visual
+    from litegpt.features import visual_decoder
+    from litegpt.model.inputs import Visual
+    from litegpt.train.stream import StreamSpec, TrainStream, eligible_counts
 
     shards = Path(cfg.data.shards)
-    if cfg.data.features == "cache":
+    if cfg.data.features is Visual.CACHE:
         source_dir = ensure_feature_cache(shards, model_cfg, cfg.model, rank, world, "cuda" if on_gpu else "cpu")
     else:
         source_dir = shards
@@ -101,19 +102,19 @@ def main(argv: list[str] | None = None) -> int:
         urls=tuple(str(source_dir / name) for name, n in counts.items() if n > 0),
         n_samples=sum(counts.values()) * len(cfg.stage.tasks), tasks=cfg.stage.tasks,
         task_token=cfg.stage.task_token, findings_only=cfg.stage.findings_only,
-        features=cfg.data.features == "cache", micro_batch=cfg.train.micro_batch, seed=cfg.run.seed,
+        source=cfg.data.features, micro_batch=cfg.train.micro_batch, seed=cfg.run.seed,
         shuffle_buffer=cfg.data.shuffle_buffer, length_group=cfg.data.length_group, num_workers=cfg.data.num_workers)
 
     # ---- model, optimizer, engine
-    from litegpt.export import load_export, save_export
-    from litegpt.model import build_model, parameter_counts
-    from litegpt.optim import build_optimizer
+    from litegpt.model.export import load_export, save_export
+    from litegpt.model.model import build_model, parameter_counts
+    from litegpt.train.optim import build_optimizer
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = build_model(model_cfg, with_encoders=cfg.data.features == "live")
+    model = build_model(model_cfg, with_encoders=cfg.data.features is Visual.LIVE)
     if cfg.stage.init_from:
         load_export(model, Path(cfg.stage.init_from))
-    visual = feature_visual if spec.features else image_visual(model.vision.preprocess)
+    visual = visual_decoder(spec.source, None if model.vision is None else model.vision.preprocess)
     stream = TrainStream(spec, rank, world, visual, model.inputs.train_batch)
     steps_per_epoch = stream.batches_per_epoch // cfg.train.grad_accum
     if steps_per_epoch == 0:
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.run.seed + 1000 * rank)  # LoRA dropout differs across ranks, reproducibly
 
     # ---- resume
-    from litegpt.checkpoint import Checkpointer, ResumeError
+    from litegpt.train.checkpoint import Checkpointer, ResumeError
 
     stage_dir = cfg.stage_dir
     checkpointer = Checkpointer(stage_dir / "checkpoints", cfg.checkpoint.keep_last, rank, world)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{frozen:,} parameters, {'bf16' if bf16 else 'fp32'}, resuming at step {state['step']}", flush=True)
 
     # ---- monitoring
-    from litegpt.monitor import Monitor, device_peak_tflops, flop_model_of
+    from litegpt.train.monitor import Monitor, device_peak_tflops, flop_model_of
 
     monitor = Monitor(stage_dir / "tensorboard", rank == 0, cfg.log.every, total_steps, state["step"],
                       flop_model_of(model), device_peak_tflops(cfg.log.peak_tflops), world)
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_inputs(cfg) -> None:
     """Stage prerequisites that can be checked before starting ranks."""
-    from litegpt.shards import read_manifest
+    from litegpt.data.shards import read_manifest
 
     manifest = read_manifest(Path(cfg.data.shards))
     if cfg.data.split not in manifest["splits"] or manifest["splits"][cfg.data.split]["samples"] == 0:
@@ -259,8 +260,8 @@ def ensure_feature_cache(shards: Path, model_cfg, model_path, rank: int, world: 
     """The cache for this model's encoders; when missing, every rank encodes a disjoint set of shards."""
     import torch.distributed as dist
 
+    from litegpt.data.shards import read_manifest
     from litegpt.features import FeatureCacheError, encode_shards, finalize, open_cache
-    from litegpt.shards import read_manifest
 
     try:
         return open_cache(shards, model_cfg.vision, model_path).directory

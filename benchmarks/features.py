@@ -27,12 +27,13 @@ import torch
 from PIL import Image, ImageFilter
 
 from litegpt import grammar
-from litegpt.encoders import VisualBackbone
+from litegpt.data.shards import MANIFEST, Sample, shard_name, write_json_atomic, write_shard
 from litegpt.features import build_cache, open_cache
-from litegpt.model import TrainSample, build_model
-from litegpt.model_config import load_model_config
-from litegpt.shards import MANIFEST, Sample, shard_name, write_json_atomic, write_shard
-from litegpt.tiny import build_weights
+from litegpt.model.config import load_model_config
+from litegpt.model.encoders import VisualBackbone
+from litegpt.model.inputs import TrainSample, Visual
+from litegpt.model.model import build_model
+from litegpt.model.tiny import build_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,8 +95,8 @@ def step_times(cfg, shards: Path, batch_size: int, steps: int) -> dict[str, floa
     for key, meta, features in cache.samples("train"):
         answer = grammar.render_answer("vqa", meta)
         pixels = model.vision.preprocess(Image.open(io.BytesIO(pngs[key])))
-        cached.append(TrainSample(key, prompt, answer, features=features))
-        live.append(TrainSample(key, prompt, answer, pixels=pixels))
+        cached.append(TrainSample(key, prompt, answer, features, Visual.CACHE))
+        live.append(TrainSample(key, prompt, answer, pixels, Visual.LIVE))
         if len(cached) == batch_size:
             break
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

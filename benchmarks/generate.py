@@ -27,9 +27,10 @@ import torch
 from PIL import Image
 
 from litegpt.grammar import render_prompt
-from litegpt.model import build_model
-from litegpt.model_config import ModelConfig, load_model_config
-from litegpt.tiny import build_weights
+from litegpt.model.config import ModelConfig, load_model_config
+from litegpt.model.inputs import Visual
+from litegpt.model.model import build_model
+from litegpt.model.tiny import build_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +68,7 @@ def seconds(model, features: list[dict[str, torch.Tensor]], prompt: str, batch_s
     for first in range(0, len(features), batch_size):
         chunk = features[first:first + batch_size]
         keys = [str(first + i) for i in range(len(chunk))]
-        batch = model.inputs.generation_batch(keys, [prompt] * len(chunk), features=chunk).to(device)
+        batch = model.inputs.generation_batch(keys, [prompt] * len(chunk), chunk, Visual.CACHE).to(device)
         model.generate(batch, new_tokens, min_new_tokens=new_tokens)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -44,8 +44,8 @@ def naive(root: Path, out: Path) -> int:
 
 
 def ours(root: Path, out: Path, workers: int) -> int:
-    from litegpt.policy import PolicyConfig
-    from litegpt.prepare import PrepareConfig, prepare
+    from litegpt.data.policy import PolicyConfig
+    from litegpt.data.prepare import PrepareConfig, prepare
 
     # `union` keeps every image, so both sides convert the same files
     manifest = prepare(PrepareConfig(root=root, out=out, workers=workers, policy=PolicyConfig("union")))
@@ -75,7 +75,7 @@ def main() -> None:
         print(json.dumps(measure(variant, Path(root), Path(out))))
         return
 
-    from litegpt.synth import synthesize
+    from litegpt.data.synth import synthesize
 
     with tempfile.TemporaryDirectory() as tmp:
         root = synthesize(Path(tmp) / "root", args.images, 0, seed=1, max_side_px=args.max_side_px, progress=False)
@@ -95,8 +95,8 @@ def main() -> None:
     one = rows[1]["images"] / rows[1]["seconds"]
     print(f"{args.images} synthetic DICOMs, longest side {min(sides)}-{max(sides)} px (mean {np.mean(sides):.0f}); "
           f"{os.cpu_count()} cores\n")
-    print(f"| variant | images/s | vs naive | parallel efficiency | peak RSS per process |")
-    print(f"|---|---|---|---|---|")
+    print("| variant | images/s | vs naive | parallel efficiency | peak RSS per process |")
+    print("|---|---|---|---|---|")
     for row in rows:
         rate = row["images"] / row["seconds"]
         workers = 1 if row["variant"] != "prepare-2" else 2

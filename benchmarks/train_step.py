@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 def random_weights(cfg, workdir: Path):
     """The preset with local tiny weights built, or (no local source) random weights of its architecture."""
-    from litegpt.model_config import load_model_config
-    from litegpt.tiny import build_weights
+    from litegpt.model.config import load_model_config
+    from litegpt.model.tiny import build_weights
 
     tiny = load_model_config(ROOT / "configs/model_tiny.yaml")
     tiny = dataclasses.replace(tiny, llm=dataclasses.replace(tiny.llm, source=str(workdir / "tiny-llm")))
@@ -50,10 +50,10 @@ def random_weights(cfg, workdir: Path):
 
 
 def dataset(workdir: Path, cfg, images: int) -> Path:
+    from litegpt.data.policy import PolicyConfig
+    from litegpt.data.prepare import PrepareConfig, prepare
+    from litegpt.data.synth import synthesize
     from litegpt.features import build_cache
-    from litegpt.prepare import PrepareConfig, prepare
-    from litegpt.policy import PolicyConfig
-    from litegpt.synth import synthesize
 
     root = synthesize(workdir / "vindr", images, 0, seed=5, max_side_px=700, progress=False)
     shards = workdir / "shards"
@@ -66,15 +66,16 @@ def bare_loop(cfg, shards: Path, micro: int, warmup: int, steps: int, bf16: bool
     """The same model, data and optimizer, without the harness."""
     from litegpt.features import open_cache
     from litegpt.grammar import render_answer, render_prompt
-    from litegpt.model import TrainSample, build_model
-    from litegpt.monitor import flop_model_of
+    from litegpt.model.inputs import TrainSample, Visual
+    from litegpt.model.model import build_model
+    from litegpt.train.monitor import flop_model_of
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = build_model(cfg, with_encoders=False).to(device)
     if bf16:
         model = model.to(torch.bfloat16)
-    samples = [TrainSample(key, render_prompt("identify"), render_answer("identify", meta), features=features)
+    samples = [TrainSample(key, render_prompt("identify"), render_answer("identify", meta), features, Visual.CACHE)
                for key, meta, features in open_cache(shards, cfg.vision).samples("train")]
     batches = [model.inputs.train_batch(samples[i:i + micro]) for i in range(0, len(samples) - micro + 1, micro)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -151,8 +152,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None)
     args = parser.parse_args()
 
-    from litegpt.model_config import load_model_config
-    from litegpt.monitor import device_peak_tflops
+    from litegpt.model.config import load_model_config
+    from litegpt.train.monitor import device_peak_tflops
 
     path = {"tiny": ROOT / "configs/model_tiny.yaml", "paper": ROOT / "configs/model_paper.yaml"}.get(args.preset,
                                                                                                     Path(args.preset))

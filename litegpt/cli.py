@@ -12,14 +12,14 @@ import sys
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("litegpt.synth", "write a synthetic dataset in the PhysioNet VinDr-CXR layout"),
-    "prepare": ("litegpt.prepare", "convert a VinDr-CXR root (PhysioNet or Kaggle layout) into WebDataset shards"),
-    "inspect": ("litegpt.inspect", "summarise a shard set and draw samples with their boxes"),
-    "tiny-weights": ("litegpt.tiny", "write a model config's random weights and tokenizer in the real on-disk formats"),
-    "model-summary": ("litegpt.model_summary", "print the model's modules with trainable/frozen parameter counts (no weights loaded)"),
+    "synth": ("litegpt.data.synth", "write a synthetic dataset in the PhysioNet VinDr-CXR layout"),
+    "prepare": ("litegpt.data.prepare", "convert a VinDr-CXR root (PhysioNet or Kaggle layout) into WebDataset shards"),
+    "inspect": ("litegpt.data.inspection", "summarise a shard set and draw samples with their boxes"),
+    "tiny-weights": ("litegpt.model.tiny", "write a model config's random weights and tokenizer in the real on-disk formats"),
+    "model-summary": ("litegpt.model.summary", "print the model's modules with trainable/frozen parameter counts (no weights loaded)"),
     "cache-features": ("litegpt.features", "run the frozen encoders once over a shard set and write the feature cache"),
-    "evaluate": ("litegpt.evaluate", "generate on a shard split with a trained stage and write predictions, metrics and a report"),
-    "predict": ("litegpt.predict", "run a trained stage on one DICOM/PNG/JPEG: findings, boxes and diagnoses as JSON, plus an overlay"),
+    "evaluate": ("litegpt.eval.evaluate", "generate on a shard split with a trained stage and write predictions, metrics and a report"),
+    "predict": ("litegpt.eval.predict", "run a trained stage on one DICOM/PNG/JPEG: findings, boxes and diagnoses as JSON, plus an overlay"),
     "demo": ("litegpt.demo", "the whole pipeline on the tiny preset and synthetic data, model beside a prior baseline"),
 }
 

@@ -5,7 +5,7 @@
 Every step is the public command in a subprocess (training through `deepspeed` on CPU ranks), so the
 demo exercises the README's commands, not an in-process shortcut. Each stage is evaluated on its own
 task (stage 1's export on `[identify]`; stage 2, which trains `[vqa]` only, on `[vqa]`), and the model
-is printed beside the training-prior baseline (`litegpt.baseline`) scored by the same `compute_metrics`:
+is printed beside the training-prior baseline (`litegpt.eval.baseline`) scored by the same `compute_metrics`:
 beating it is what shows that the model reads the image.
 
 Re-running resumes: synth rewrites identical files, prepare and cache-features keep what is complete,
@@ -39,7 +39,7 @@ MAX_SIDE_PX = 400
 NO_FINDING_FRAC = 0.2
 SAMPLES_PER_SHARD = 128
 STEPS = 9
-ROWS = (  # (title, name in litegpt.report.scalars, the stage trained on that task)
+ROWS = (  # (title, name in litegpt.eval.report.scalars, the stage trained on that task)
     ("local labels micro-F1, strict", "strict/local/micro_avg_f1", "stage1"),
     ("local labels micro-F1, reference", "reference/local/micro_avg_f1", "stage1"),
     ("box F1@0.5, strict", "strict/box_f1@0.5", "stage1"),
@@ -137,7 +137,7 @@ class Pipeline:
 
 def comparison(model: dict[str, dict], baseline: dict) -> str:
     """Model beside baseline, in %, each row from the stage trained on its task."""
-    from litegpt.report import scalars
+    from litegpt.eval.report import scalars
 
     values = {stage: scalars(metrics) for stage, metrics in model.items()}
     prior = scalars(baseline)
@@ -153,8 +153,8 @@ def comparison(model: dict[str, dict], baseline: dict) -> str:
 
 def write_baseline(shards: Path, out: Path) -> dict:
     """Fit the prior on the train split, answer the test split, score it; writes predictions and metrics."""
-    from litegpt.baseline import fit_prior, prior_predictions, split_json
-    from litegpt.metrics import compute_metrics, write_predictions
+    from litegpt.eval.baseline import fit_prior, prior_predictions, split_json
+    from litegpt.eval.metrics import compute_metrics, write_predictions
 
     predictions = prior_predictions(fit_prior(split_json(shards, "train")), split_json(shards, "test"))
     metrics = compute_metrics(predictions)

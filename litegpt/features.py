@@ -28,7 +28,7 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -36,9 +36,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from litegpt import __version__
-from litegpt.encoders import VisualBackbone, kind_of, weights_digest
-from litegpt.model_config import VisionConfig, load_model_config
-from litegpt.shards import MANIFEST, Sample, read_manifest, write_json_atomic, write_shard
+from litegpt.data.shards import MANIFEST, Sample, read_manifest, write_json_atomic, write_shard
+from litegpt.model.config import VisionConfig, load_model_config
+from litegpt.model.encoders import VisualBackbone, kind_of, weights_digest
+from litegpt.model.inputs import Visual
 
 FORMAT = "litegpt-features/1"
 PARTIAL = ".partial"
@@ -104,6 +105,23 @@ def decode_features(members: dict[str, bytes | np.ndarray]) -> tuple[dict, dict[
             array = np.load(io.BytesIO(value), allow_pickle=False) if isinstance(value, bytes) else value
             features[ext[: -len(".npy")]] = torch.from_numpy(np.ascontiguousarray(array))
     return meta, features
+
+
+Decode = Callable[[dict], dict[str, torch.Tensor]]  # a shard sample's raw members -> visual input per encoder
+
+
+def visual_decoder(source: Visual, preprocess: Callable[[Image.Image], dict[str, torch.Tensor]] | None) -> Decode:
+    """The visual input of a raw shard sample: its cached features, or its PNG through the encoders' preprocessing."""
+    if source is Visual.CACHE:
+        return lambda sample: decode_features({k: v for k, v in sample.items() if k == "json" or k.endswith(".npy")})[1]
+    if preprocess is None:
+        raise ValueError("live encoders need their preprocessing (a model built with encoders)")
+
+    def decode(sample: dict) -> dict[str, torch.Tensor]:
+        with Image.open(io.BytesIO(sample["png"])) as image:
+            return preprocess(image)
+
+    return decode
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:

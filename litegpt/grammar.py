@@ -34,6 +34,7 @@ from typing import Any
 from litegpt.labels import ALL_LABELS, GLOBAL_LABELS, LOCAL_LABELS, NO_FINDING, canonical_label
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
+TASKS = ("identify", "vqa")  # stage 1: grounded findings; stage 2: diagnoses
 TASK_TOKENS: dict[str, str] = {"identify": "[identify]", "vqa": "[vqa]"}
 INSTRUCTIONS: dict[str, str] = {
     "identify": (

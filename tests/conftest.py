@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """One small synthetic PhysioNet-layout dataset for the whole session (small images keep it fast)."""
-    from litegpt.synth import synthesize
+    from litegpt.data.synth import synthesize
 
     return synthesize(tmp_path_factory.mktemp("vindr") / "root", 40, 12, seed=7, max_side_px=640, progress=False)
 
@@ -23,7 +23,7 @@ def synth_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared(synth_root, tmp_path_factory) -> Path:
     """Shards of `synth_root`, built once with one worker and small shards (several per split)."""
-    from litegpt.prepare import PrepareConfig, prepare
+    from litegpt.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("shards") / "synth"
     prepare(PrepareConfig(root=synth_root, out=out, samples_per_shard=8, workers=1))
@@ -35,8 +35,8 @@ def tiny_config(tmp_path_factory):
     """configs/model_tiny.yaml with its weights written (real on-disk formats) to a session directory."""
     import dataclasses
 
-    from litegpt.model_config import load_model_config
-    from litegpt.tiny import build_weights
+    from litegpt.model.config import load_model_config
+    from litegpt.model.tiny import build_weights
 
     root = tmp_path_factory.mktemp("tiny-weights")
     cfg = load_model_config(Path(__file__).parent.parent / "configs" / "model_tiny.yaml")
@@ -50,7 +50,7 @@ def tiny_config(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_config):
     """The tiny model with encoders, in eval mode (LoRA dropout off). Tests must not change its weights."""
-    from litegpt.model import build_model
+    from litegpt.model.model import build_model
 
     return build_model(tiny_config).eval()
 
@@ -63,7 +63,7 @@ def write_tiny_shards(directory: Path, sizes: dict[str, list[int]], seed: int = 
     import numpy as np
     from PIL import Image
 
-    from litegpt.shards import MANIFEST, Sample, shard_name, write_json_atomic, write_shard
+    from litegpt.data.shards import MANIFEST, Sample, shard_name, write_json_atomic, write_shard
 
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from litegpt.boxes import iou_matrix, merge_overlapping, overlap_groups
-from litegpt.policy import Conflict, PolicyConfig, apply_policy
-from litegpt.sources import Annotation, ImageRecord
+from litegpt.data.policy import Conflict, PolicyConfig, apply_policy
+from litegpt.data.sources import Annotation, ImageRecord
 
 
 def iou_by_hand(a, b):

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from litegpt.baseline import fit_prior, prior_predictions, split_json
+from litegpt.data.shards import read_manifest
+from litegpt.eval.baseline import fit_prior, prior_predictions, split_json
+from litegpt.eval.metrics import compute_metrics
 from litegpt.grammar import parse, quantize_box
 from litegpt.labels import GLOBAL_LABELS, LOCAL_LABELS
-from litegpt.metrics import compute_metrics
-from litegpt.shards import read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,7 +110,7 @@ LOCAL_F1_MARGIN, BOX_F1_MARGIN, GLOBAL_F1_MARGIN = 0.05, 0.04, 0.05
 @pytest.mark.slow
 def test_demo_learns(tmp_path):
     """`litegpt demo` end to end (deepspeed, 2 CPU ranks): the tiny model beats the training prior."""
-    from litegpt.report import scalars
+    from litegpt.eval.report import scalars
 
     cmd = [sys.executable, "-m", "litegpt.cli", "demo", "--out", str(tmp_path), "--seed", str(DEMO_SEED)]
     done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,

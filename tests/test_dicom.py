@@ -14,7 +14,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.pixels.decoders import JPEGLosslessSV1Decoder
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1
 
-from litegpt.dicom import (
+from litegpt.data.dicom import (
     ConvertConfig,
     DicomError,
     convert_dicom,

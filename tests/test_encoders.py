@@ -9,9 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
-from litegpt.encoders import (ENCODER_KINDS, FrozenEncoder, ImagePreprocessor, Preprocess, VisualBackbone,
-                              backbone_geometry, build_raw_encoder, encoder_geometry, save_encoder)
-from litegpt.model_config import ConfigError, EncoderConfig, VisionConfig, load_model_config
+from litegpt.model.config import ConfigError, EncoderConfig, VisionConfig, load_model_config
+from litegpt.model.encoders import (
+    ENCODER_KINDS,
+    FrozenEncoder,
+    ImagePreprocessor,
+    Preprocess,
+    VisualBackbone,
+    backbone_geometry,
+    build_raw_encoder,
+    encoder_geometry,
+    save_encoder,
+)
 
 
 def _image(h=70, w=90, seed=0) -> Image.Image:

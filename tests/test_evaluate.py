@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from litegpt.cli import main
-from litegpt.evaluate import box_scores, chunk_sizes, merge_parts, token_offsets
-from litegpt.export import save_export
+from litegpt.data.shards import iter_json, read_manifest
+from litegpt.eval.evaluate import box_scores, chunk_sizes, merge_parts, token_offsets
+from litegpt.eval.metrics import Prediction, compute_metrics, read_predictions
 from litegpt.grammar import parse, render_answer
-from litegpt.metrics import Prediction, compute_metrics, read_predictions
-from litegpt.model import Generation
-from litegpt.shards import iter_json, read_manifest
+from litegpt.model.export import save_export
+from litegpt.model.model import Generation
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT, BATCH, STEP = 6, 4, 7

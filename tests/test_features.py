@@ -13,10 +13,18 @@ import torch
 from PIL import Image
 
 from litegpt import grammar
-from litegpt.features import (FeatureCacheError, build_cache, cache_dir, encode_shards, finalize, fingerprint,
-                              fingerprint_inputs, open_cache)
-from litegpt.model import TrainSample
-from litegpt.shards import read_manifest
+from litegpt.data.shards import read_manifest
+from litegpt.features import (
+    FeatureCacheError,
+    build_cache,
+    cache_dir,
+    encode_shards,
+    finalize,
+    fingerprint,
+    fingerprint_inputs,
+    open_cache,
+)
+from litegpt.model.inputs import TrainSample, Visual
 
 
 def _members(path):
@@ -103,8 +111,8 @@ def test_cache_and_live_give_the_same_loss(cache, tiny_shards, tiny_model):
     for key, meta, features in cache.samples("train"):
         prompt, answer = grammar.render_prompt("identify"), grammar.render_answer("identify", meta)
         pixels = tiny_model.vision.preprocess(Image.open(io.BytesIO(images[f"{key}.png"])))
-        live.append(TrainSample(key, prompt, answer, pixels=pixels))
-        cached.append(TrainSample(key, prompt, answer, features=features))
+        live.append(TrainSample(key, prompt, answer, pixels, Visual.LIVE))
+        cached.append(TrainSample(key, prompt, answer, features, Visual.CACHE))
     with torch.no_grad():
         loss_live = tiny_model(tiny_model.inputs.train_batch(live)).loss
         loss_cached = tiny_model(tiny_model.inputs.train_batch(cached)).loss
@@ -180,7 +188,7 @@ def test_cli_and_a_training_step_on_real_shards(prepared, tiny_config, tmp_path)
     import yaml
 
     from litegpt.cli import main
-    from litegpt.model import build_model
+    from litegpt.model.model import build_model
 
     config = tmp_path / "model.yaml"
     config.write_text(yaml.safe_dump(json.loads(json.dumps(tiny_config.to_dict()))))
@@ -192,7 +200,7 @@ def test_cli_and_a_training_step_on_real_shards(prepared, tiny_config, tmp_path)
     for key, meta, features in cache.samples("train"):
         if meta["findings"]:
             samples.append(TrainSample(key, grammar.render_prompt("identify"),
-                                       grammar.render_answer("identify", meta), features=features))
+                                       grammar.render_answer("identify", meta), features, Visual.CACHE))
         if len(samples) == 4:
             break
     assert len(samples) == 4

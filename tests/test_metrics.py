@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import classification_report
 
-from litegpt import metrics
+from litegpt.eval import metrics
+from litegpt.eval.metrics import Prediction, compute_metrics
 from litegpt.labels import GLOBAL_LABELS, LOCAL_LABELS
-from litegpt.metrics import Prediction, compute_metrics
 
 L = "Local diseases of this chest radiograph are"
 G = "Global diseases of this chest radiograph are"

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from litegpt.minigpt import MiniGPTImportError, import_minigpt
-from litegpt.model import build_model
+from litegpt.model.minigpt import MiniGPTImportError, import_minigpt
+from litegpt.model.model import build_model
 
 LAYERS, HIDDEN, PROJ_HIDDEN = 4, 128, 128  # configs/model_tiny.yaml
 R = 8  # the LoRA MiniGPT-v2 saves: r on q_proj and v_proj (the tiny preset's own LoRA is wider; see qv_config)

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from litegpt import predict
 from litegpt.cli import main
-from litegpt.export import save_export
-from litegpt.inspect import label_colour
-from litegpt.model import Generation
+from litegpt.data.inspection import label_colour
+from litegpt.eval import predict
+from litegpt.model.export import save_export
+from litegpt.model.model import Generation
 
 RADIOGRAPH = Path(get_testdata_file("RG1_UNCR.dcm", download=False))
 COLS, ROWS = 1841, 1955

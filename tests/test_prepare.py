@@ -13,13 +13,13 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from litegpt import prepare as prepare_module
 from litegpt.cli import main as cli
-from litegpt.inspect import draw_samples, label_colour, summary
+from litegpt.data.inspection import draw_samples, label_colour, summary
+from litegpt.data.prepare import PrepareConfig, prepare
+from litegpt.data.shards import read_manifest
+from litegpt.data.synth import PHI_MARKER
 from litegpt.labels import GLOBAL_LABELS, NO_FINDING
-from litegpt.prepare import PrepareConfig, prepare
-from litegpt.shards import read_manifest
-from litegpt.synth import PHI_MARKER
+from litegpt.train.stream import prepare as prepare_module
 
 
 def tar_bytes(directory: Path) -> dict[str, bytes]:
@@ -162,7 +162,7 @@ def test_interrupted_run_leaves_no_complete_looking_shard_and_resumes(prepared, 
 
 
 def test_kaggle_layout_end_to_end(tmp_path):
-    from litegpt.synth import synthesize
+    from litegpt.data.synth import synthesize
 
     root = synthesize(tmp_path / "kaggle", 30, 0, seed=3, layout="kaggle", max_side_px=400, progress=False)
     manifest = prepare(PrepareConfig(root=root, out=tmp_path / "out", holdout=0.3, workers=1))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from litegpt.metrics import Prediction, compute_metrics
-from litegpt.report import log_tensorboard, write_report
+from litegpt.eval.metrics import Prediction, compute_metrics
+from litegpt.eval.report import log_tensorboard, write_report
 
 SIZE = 200
 GT = [("Cardiomegaly", (38, 49, 82, 63)), ("Aortic enlargement", (53, 28, 65, 36)),

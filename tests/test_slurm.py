@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from slurm_cluster import ClusterUnavailable, SlurmCluster, slurm_cluster
 
 REPO = Path(__file__).resolve().parent.parent

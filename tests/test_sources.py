@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from litegpt.prepare import PrepareConfig, plan
-from litegpt.policy import PolicyConfig
-from litegpt.sources import DatasetError, read_dataset
+from litegpt.data.policy import PolicyConfig
+from litegpt.data.prepare import PrepareConfig, plan
+from litegpt.data.sources import DatasetError, read_dataset
 
 
 @pytest.fixture(scope="session")

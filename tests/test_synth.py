@@ -19,8 +19,8 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from litegpt import cli
+from litegpt.data.synth import PHI_MARKER, SENTINEL, synthesize
 from litegpt.labels import GLOBAL_LABELS, KAGGLE_CLASSES, LOCAL_LABELS, NO_FINDING
-from litegpt.synth import PHI_MARKER, SENTINEL, synthesize
 
 N_TRAIN, N_TEST, SIDE = 18, 9, 256
 TRAIN_LABELS = [*LOCAL_LABELS, *GLOBAL_LABELS[:4], "Other diseases", NO_FINDING]

@@ -237,8 +237,8 @@ def test_bad_configs_are_one_clear_message(recipes, tmp_path):
 
 def test_overrides_read_numbers_as_written():
     """`--set optim.lr=3e-3` is a float (YAML 1.1 alone reads it as a string); a non-number is refused."""
-    from litegpt.model_config import ConfigError
-    from litegpt.train_config import load_train_config
+    from litegpt.model.config import ConfigError
+    from litegpt.train.config import load_train_config
 
     recipe = REPO / "configs/tiny/stage1.yaml"
     cfg = load_train_config(recipe, ["optim.lr=3e-3", "optim.min_lr=1E-5", "optim.weight_decay=.5"])

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from litegpt.train_config import OptimSection
+from litegpt.train.config import OptimSection
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

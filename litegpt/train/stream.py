@@ -9,7 +9,6 @@ a resumed run skips the batches it had consumed and then sees exactly what an un
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import random
@@ -19,14 +18,11 @@ from typing import Callable, Iterator
 
 import torch
 import webdataset as wds
-from PIL import Image
 
-from litegpt.features import decode_features
+from litegpt.data.shards import iter_json, read_manifest
+from litegpt.features import Decode
 from litegpt.grammar import render_answer, render_prompt
-from litegpt.model import TrainSample
-from litegpt.shards import iter_json, read_manifest
-
-Decode = Callable[[dict], dict[str, torch.Tensor]]  # raw tar members -> visual input per encoder
+from litegpt.model.inputs import TrainSample, Visual
 
 
 @dataclass(frozen=True)
@@ -36,7 +32,7 @@ class StreamSpec:
     tasks: tuple[str, ...]
     task_token: str | None
     findings_only: bool
-    features: bool  # cached features (True) or images through the encoders' preprocessing (False)
+    source: Visual  # what the shards in `urls` carry to the model: cached features or images
     micro_batch: int
     seed: int
     shuffle_buffer: int
@@ -52,18 +48,6 @@ def eligible_counts(shards: Path, split: str, findings_only: bool) -> dict[str, 
     manifest = read_manifest(shards)
     return {s["name"]: (sum(bool(m["findings"]) for m in iter_json(Path(shards) / s["name"])) if findings_only
                         else s["samples"]) for s in manifest["shards"] if s["split"] == split}
-
-
-def feature_visual(sample: dict) -> dict[str, torch.Tensor]:
-    return decode_features({k: v for k, v in sample.items() if k == "json" or k.endswith(".npy")})[1]
-
-
-def image_visual(preprocess: Callable[[Image.Image], dict[str, torch.Tensor]]) -> Decode:
-    def decode(sample: dict) -> dict[str, torch.Tensor]:
-        with Image.open(io.BytesIO(sample["png"])) as image:
-            return preprocess(image)
-
-    return decode
 
 
 class TrainStream:
@@ -86,10 +70,9 @@ class TrainStream:
         if self.spec.findings_only and not meta["findings"]:
             return []
         visual = self.visual(raw)
-        key = "features" if self.spec.features else "pixels"
         return [TrainSample(f"{meta['image_id']}/{task}", render_prompt(task, self.spec.task_token if task == "identify"
                                                                         else None),
-                            render_answer(task, meta), **{key: visual}) for task in self.spec.tasks]
+                            render_answer(task, meta), visual, self.spec.source) for task in self.spec.tasks]
 
     def _pipeline(self, epoch: int) -> wds.DataPipeline:
         spec = self.spec

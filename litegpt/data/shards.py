@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-
 MANIFEST = "manifest.json"
 FORMAT = "litegpt-shards/1"
 SPLITS = ("train", "test")

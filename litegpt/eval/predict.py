@@ -20,16 +20,24 @@ from pathlib import Path
 
 from PIL import Image
 
-from litegpt.dicom import ConvertConfig, ConvertedImage, DicomError, convert_dicom, convert_image_file
-from litegpt.evaluate import (
-    Decoding, EvalError, Stage, add_generation_arguments, box_scores, decoding_from_args, generate,
-    inference_device, load_model, load_stage,
+from litegpt.data.dicom import ConvertConfig, ConvertedImage, DicomError, convert_dicom, convert_image_file
+from litegpt.data.inspection import draw_boxes
+from litegpt.eval.evaluate import (
+    Decoding,
+    EvalError,
+    Stage,
+    add_generation_arguments,
+    box_scores,
+    decoding_from_args,
+    generate,
+    inference_device,
+    load_model,
+    load_stage,
 )
-from litegpt.grammar import parse
-from litegpt.inspect import draw_boxes
+from litegpt.grammar import TASKS, parse
 from litegpt.labels import GLOBAL_LABELS
-from litegpt.metrics import TASKS
-from litegpt.model_config import ConfigError
+from litegpt.model.config import ConfigError
+from litegpt.model.inputs import Visual
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -49,7 +57,7 @@ def predict(model, stage: Stage, image: ConvertedImage, tasks: Sequence[str], de
     result: dict = {"findings": [], "diagnoses": [], "text": {}, "unparsed": []}
     labels: set[str] = set()
     for task in tasks:
-        (generation,) = generate(model, stage, task, ["input"], [pixels], False, decoding, chunk=0)
+        (generation,) = generate(model, stage, task, ["input"], [pixels], Visual.LIVE, decoding, chunk=0)
         parsed = parse(generation.text)
         for (label, box), confidence in zip(parsed.findings, box_scores(model.tokenizer, generation)):
             norm = [v / 100 for v in box]

@@ -3,7 +3,7 @@
 A model config says where every weight comes from (hub id, local directory, or nothing = seeded random
 init) and, optionally, each part's architecture (`arch`) so the model can be built without its weights:
 on the meta device for `litegpt model-summary`, or with random weights for the tiny preset and the
-benchmarks. `arch` is either an inline mapping or the name of a JSON file shipped in `litegpt/configs/`.
+benchmarks. `arch` is either an inline mapping or the name of a JSON file shipped in `litegpt/model/configs/`.
 Relative local paths are read relative to the current directory (the repository root for the CLI).
 Nothing here, nor anywhere else, depends on a preset's name: presets are just files in `configs/`.
 """
@@ -11,6 +11,7 @@ Nothing here, nor anywhere else, depends on a preset's name: presets are just fi
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import re
 import types
@@ -25,7 +26,7 @@ import yaml
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DTYPES = ("float32", "float16", "bfloat16")
-PACKAGED_CONFIGS = resources.files("litegpt").joinpath("configs")
+PACKAGED_CONFIGS = resources.files("litegpt.model").joinpath("configs")
 
 
 class ConfigError(ValueError):
@@ -34,7 +35,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """One frozen image encoder. `kind` picks the loader (see `litegpt.encoders.ENCODER_KINDS`)."""
+    """One frozen image encoder. `kind` picks the loader (see `litegpt.model.encoders.ENCODER_KINDS`)."""
 
     name: str
     kind: str
@@ -159,6 +160,11 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string
     if hint is dict and isinstance(value, dict):
         return value
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(str(m.value) for m in hint)}") from None
     if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
@@ -197,7 +203,7 @@ def load_model_config(path: str | Path) -> ModelConfig:
 
 
 def resolve_arch(arch: dict | str | None, where: str) -> dict | None:
-    """An inline architecture as is, or a packaged JSON file (`litegpt/configs/<name>`) read."""
+    """An inline architecture as is, or a packaged JSON file (`litegpt/model/configs/<name>`) read."""
     if arch is None or isinstance(arch, dict):
         return arch
     try:

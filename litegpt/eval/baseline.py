@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from litegpt.grammar import render_answer, render_diagnoses, render_findings
-from litegpt.metrics import TASKS, Prediction
-from litegpt.shards import iter_json, shard_paths
+from litegpt.data.shards import iter_json, shard_paths
+from litegpt.eval.metrics import Prediction
+from litegpt.grammar import TASKS, render_answer, render_diagnoses, render_findings
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@
 deepspeed needs `--no_local_rank`: the rank arrives in LOCAL_RANK, not as an argument.)
 
 Visual input: the shards' feature cache for the export's encoders when there is one (`--features auto`),
-else the encoders run live on the PNGs; both paths round features alike (see `litegpt.model`).
+else the encoders run live on the PNGs; both paths round features alike (see `litegpt.model.model`).
 
 Work split: the split's first `--limit` samples are cut, in shard order, into chunks of `--batch-size`;
 rank r takes chunks r, r + W, ...; a chunk is one generation batch per task, seeded by (seed, chunk, task).
@@ -34,7 +34,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -43,11 +43,13 @@ import torch
 from PIL import Image
 
 from litegpt import __version__
-from litegpt.export import CONFIG, INFO, load_export
-from litegpt.grammar import parse, render_answer, render_prompt
-from litegpt.metrics import TASKS, Prediction, box_confidences, compute_metrics, read_predictions, write_predictions
-from litegpt.model_config import ConfigError, ModelConfig, load_model_config
-from litegpt.report import OVERLAYS, scalars
+from litegpt.eval.metrics import Prediction, box_confidences, compute_metrics, read_predictions, write_predictions
+from litegpt.eval.report import OVERLAYS, scalars
+from litegpt.features import visual_decoder
+from litegpt.grammar import TASKS, parse, render_answer, render_prompt
+from litegpt.model.config import ConfigError, ModelConfig, load_model_config
+from litegpt.model.export import CONFIG, INFO, load_export
+from litegpt.model.inputs import Visual
 
 TENSORBOARD_OVERLAYS = 4
 # A rank that finishes early waits at the barrier for the slowest; launchers end the whole job if a rank dies.
@@ -170,7 +172,7 @@ def load_model(stage: Stage, with_encoders: bool, device: torch.device):
 
     The MiniGPT-v2 checkpoint is not read: the export replaces every weight it would initialise.
     """
-    from litegpt.model import build_model
+    from litegpt.model.model import build_model
 
     model = build_model(dataclasses.replace(stage.model_cfg, minigpt_checkpoint=None), with_encoders=with_encoders)
     load_export(model, stage.export)
@@ -203,10 +205,9 @@ def box_scores(tokenizer, generation) -> list[float]:
 
 
 def generate(model, stage: Stage, task: str, keys: Sequence[str], visual: Sequence[dict[str, torch.Tensor]],
-             features: bool, decoding: Decoding, chunk: int) -> list:
+             source: Visual, decoding: Decoding, chunk: int) -> list:
     """One batch of one task: the generations (`model.Generation`) for `keys`, in order."""
-    inputs = {"features" if features else "pixels": visual}
-    batch = model.inputs.generation_batch(keys, [stage.prompt(task)] * len(keys), **inputs)
+    batch = model.inputs.generation_batch(keys, [stage.prompt(task)] * len(keys), visual, source)
     decoding.seed_batch(chunk, task)
     device = next(model.llm.parameters()).device
     return model.generate(batch.to(device), decoding.max_new_tokens, **decoding.generate_kwargs())
@@ -243,14 +244,14 @@ class Source:
     urls: list[Path]  # shards streamed for generation: feature shards or image shards
     image_urls: list[Path]  # image shards (overlays)
     samples: int  # samples of the split
-    features: bool
+    visual: Visual
     description: str
 
 
-def open_source(shards: Path, split: str, stage: Stage, features: str) -> tuple[Source, str | None]:
-    """The split's shards to stream, and a note when `auto` falls back to live encoders."""
+def open_source(shards: Path, split: str, stage: Stage, features: Visual | None) -> tuple[Source, str | None]:
+    """The split's shards to stream, and a note when `auto` (None) falls back to live encoders."""
+    from litegpt.data.shards import read_manifest, shard_paths
     from litegpt.features import FeatureCacheError, open_cache
-    from litegpt.shards import read_manifest, shard_paths
 
     manifest = read_manifest(shards)
     splits = sorted({s["split"] for s in manifest["shards"]})
@@ -258,17 +259,18 @@ def open_source(shards: Path, split: str, stage: Stage, features: str) -> tuple[
         raise EvalError(f"{shards} has no {split!r} split (its splits: {', '.join(splits) or 'none'})")
     image_urls = shard_paths(shards, split, manifest)
     count = sum(s["samples"] for s in manifest["shards"] if s["split"] == split)
-    if features != "live":
+    if features is not Visual.LIVE:
         try:
             cache = open_cache(shards, stage.model_cfg.vision, stage.export / CONFIG)
-            return Source(cache.shard_paths(split), image_urls, count, True, f"feature cache {cache.directory}"), None
+            return Source(cache.shard_paths(split), image_urls, count, Visual.CACHE,
+                          f"feature cache {cache.directory}"), None
         except FeatureCacheError as exc:
-            if features == "cache":
+            if features is Visual.CACHE:
                 raise
             note = f"no usable feature cache, running the encoders on the PNGs ({exc})"
     else:
         note = None
-    return Source(image_urls, image_urls, count, False, f"live encoders on {shards}"), note
+    return Source(image_urls, image_urls, count, Visual.LIVE, f"live encoders on {shards}"), note
 
 
 # ---- evaluation -------------------------------------------------------------------------------------
@@ -282,7 +284,7 @@ class EvalOptions:
     batch_size: int = 8
     tasks: tuple[str, ...] | None = None  # None: the stage's tasks
     decoding: Decoding = PRESETS["greedy"]
-    features: str = "auto"  # auto | cache | live
+    features: Visual | None = None  # None: the feature cache if there is one, else live encoders
     out: Path | None = None  # None: <run>/eval
     overlays: int = OVERLAYS
 
@@ -305,18 +307,12 @@ def _chunks(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
     return iter(lambda: list(itertools.islice(samples, size)), [])
 
 
-def _visual_decoder(model, features: bool) -> Callable[[dict], dict[str, torch.Tensor]]:
-    from litegpt.data import feature_visual, image_visual
-
-    return feature_visual if features else image_visual(model.vision.preprocess)
-
-
 def predict_part(model, stage: Stage, source: Source, opts: EvalOptions, tasks: Sequence[str], rank: int,
                  world: int, samples: int) -> list[Prediction]:
     """This rank's predictions: its chunks, in order, each chunk task by task."""
     from tqdm import tqdm
 
-    decode = _visual_decoder(model, source.features)
+    decode = visual_decoder(source.visual, model.vision.preprocess if model.vision is not None else None)
     sizes = chunk_sizes(samples, opts.batch_size)
     bar = tqdm(total=sum(n for c, n in enumerate(sizes) if c % world == rank), unit="img", desc="evaluate",
                dynamic_ncols=True, disable=rank != 0)
@@ -330,7 +326,7 @@ def predict_part(model, stage: Stage, source: Source, opts: EvalOptions, tasks: 
         visual = [decode(raw) for raw in raws]
         keys = [m["image_id"] for m in metas]
         for task in tasks:
-            for meta, gen in zip(metas, generate(model, stage, task, keys, visual, source.features, opts.decoding,
+            for meta, gen in zip(metas, generate(model, stage, task, keys, visual, source.visual, opts.decoding,
                                                  chunk)):
                 out.append(Prediction(meta["image_id"], task, gen.text, render_answer(task, meta), meta["findings"],
                                       meta["diagnoses"], gen.probs, box_scores(model.tokenizer, gen)))
@@ -365,7 +361,7 @@ def evaluate(opts: EvalOptions) -> tuple[Path, dict] | None:
     rank, world = dist_env.rank, dist_env.world_size
     if note and rank == 0:
         print(f"litegpt evaluate: {note}", file=sys.stderr)
-    model = load_model(stage, with_encoders=not source.features, device=inference_device())
+    model = load_model(stage, with_encoders=source.visual is Visual.LIVE, device=inference_device())
     part = out_dir / "parts" / f"rank-{rank:05d}.jsonl"
     part.parent.mkdir(parents=True, exist_ok=True)
     write_predictions(part, predict_part(model, stage, source, opts, tasks, rank, world, samples))
@@ -395,7 +391,7 @@ def write_outputs(stage: Stage, source: Source, metrics: dict, predictions: Sequ
     """report.md and fresh overlays/, and the scalars and a few overlays in the stage's TensorBoard."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from litegpt.report import log_tensorboard, write_report
+    from litegpt.eval.report import log_tensorboard, write_report
 
     shutil.rmtree(out_dir / "overlays", ignore_errors=True)
     files = write_report(metrics, predictions, out_dir, images=ShardImages(source.image_urls), overlays=overlays)
@@ -441,12 +437,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from litegpt.data.shards import ShardError
     from litegpt.features import FeatureCacheError
-    from litegpt.shards import ShardError
 
     try:
         opts = EvalOptions(run=args.run, shards=args.shards, split=args.split, limit=args.limit,
-                           batch_size=args.batch_size, features=args.features, out=args.out, overlays=args.overlays,
+                           batch_size=args.batch_size, features=None if args.features == "auto" else Visual(args.features), out=args.out, overlays=args.overlays,
                            tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else None,
                            decoding=decoding_from_args(args))
         result = evaluate(opts)

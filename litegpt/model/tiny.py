@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from litegpt.encoders import save_encoder
-from litegpt.model_config import ConfigError, ModelConfig, load_model_config, resolve_arch
+from litegpt.model.config import ConfigError, ModelConfig, load_model_config, resolve_arch
+from litegpt.model.encoders import save_encoder
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 BYTE_TOKENS = tuple(f"<0x{i:02X}>" for i in range(256))

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from litegpt.model_config import ConfigError, EncoderConfig, VisionConfig, resolve_arch
+from litegpt.model.config import ConfigError, EncoderConfig, VisionConfig, resolve_arch
 
 INTERPOLATIONS = {
     "bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,

@@ -64,10 +64,9 @@ from typing import Any, TypedDict
 import numpy as np
 
 from litegpt.boxes import iou_matrix
-from litegpt.grammar import Box, parse, quantize_box
+from litegpt.grammar import TASKS, Box, parse, quantize_box
 from litegpt.labels import GLOBAL_LABELS, LOCAL_LABELS, NO_FINDING, canonical_label
 
-TASKS = ("identify", "vqa")
 THRESHOLDS = (0.3, 0.4, 0.5)
 MAP_IOU = 0.4
 FINDING = "Finding"

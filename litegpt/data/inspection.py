@@ -8,8 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from litegpt.data.shards import SPLITS, ShardError, iter_samples, read_manifest
 from litegpt.labels import ALL_LABELS, LOCAL_LABELS
-from litegpt.shards import SPLITS, ShardError, iter_samples, read_manifest
 
 # One distinct colour per local label (tab20-like palette, cycled), so a picture can be read without a legend.
 _PALETTE = [

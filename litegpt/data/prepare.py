@@ -25,12 +25,22 @@ from typing import Iterator
 from tqdm import tqdm
 
 from litegpt import __version__
-from litegpt.dicom import ConvertConfig, DicomError, convert_dicom
+from litegpt.data.dicom import ConvertConfig, DicomError, convert_dicom
+from litegpt.data.policy import Conflict, Labels, PolicyConfig, apply_policy
+from litegpt.data.shards import (
+    FORMAT,
+    MANIFEST,
+    SPLITS,
+    Sample,
+    iter_json,
+    png_bytes,
+    sha256_file,
+    shard_name,
+    write_json_atomic,
+    write_shard,
+)
+from litegpt.data.sources import DatasetError, ImageRecord, Problem, detect_layout, read_dataset
 from litegpt.labels import ALL_LABELS
-from litegpt.policy import Conflict, Labels, PolicyConfig, apply_policy
-from litegpt.shards import (FORMAT, MANIFEST, SPLITS, Sample, iter_json, png_bytes, sha256_file, shard_name,
-                            write_json_atomic, write_shard)
-from litegpt.sources import DatasetError, ImageRecord, Problem, detect_layout, read_dataset
 
 PARTIAL = ".partial"
 BOX_TOLERANCE_PX = 1.0  # boxes may overrun the image by rounding; more than this is an annotation error

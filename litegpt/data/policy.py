@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from litegpt.boxes import Box, merge_overlapping
+from litegpt.data.sources import ImageRecord
 from litegpt.labels import GLOBAL_LABELS, LOCAL_LABELS, NO_FINDING
-from litegpt.sources import ImageRecord
 
 POLICIES = ("drop", "union", "majority")
 

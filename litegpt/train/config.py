@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from litegpt.model_config import ConfigError, build_dataclass
-
-TASKS = ("identify", "vqa")
+from litegpt.grammar import TASKS
+from litegpt.model.config import ConfigError, build_dataclass
+from litegpt.model.inputs import Visual
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class StageSection:
 class DataSection:
     shards: str = "shards/demo"
     split: str = "train"
-    features: str = "cache"  # cache: frozen-encoder features built once per sample; live: encoders every step
+    features: Visual = Visual.CACHE  # cache: frozen-encoder features built once per sample; live: encoders every step
     num_workers: int = 1
     shuffle_buffer: int = 256
     length_group: int = 8  # batches per window sorted by answer length (less padding)
@@ -92,7 +92,8 @@ class TrainConfig:
         return Path(self.run.dir) / self.stage.name
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain data (enums by their value), as a recipe spells it."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def digest(self) -> str:
         """Hash of everything that changes what a step computes (a resumed run must match it)."""
@@ -127,7 +128,6 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 def validate(cfg: TrainConfig) -> TrainConfig:
     checks = [
         (all(t in TASKS for t in cfg.stage.tasks) and cfg.stage.tasks, f"stage.tasks: each of {TASKS}, at least one"),
-        (cfg.data.features in ("cache", "live"), "data.features: cache or live"),
         (cfg.train.precision in ("auto", "bf16", "fp32"), "train.precision: auto, bf16 or fp32"),
         (cfg.train.micro_batch >= 1 and cfg.train.grad_accum >= 1, "train.micro_batch and grad_accum: >= 1"),
         (cfg.train.epochs >= 1, "train.epochs: >= 1"),

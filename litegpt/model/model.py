@@ -2,15 +2,8 @@
 
 The model takes either per-encoder pixels (live encoders) or per-encoder features (the feature cache);
 both go through the same merge and projector, and features are rounded to `vision.feature_dtype` in
-both cases, so the two paths give the same loss.
-
-Input assembly (`InputBuilder`) follows the grammar's prompt: one BOS, the prompt's text around
-`<ImageHere>` tokenised in segments, the image embeddings spliced in place of the placeholder, then the
-answer and EOS. Labels cover the answer tokens (and EOS) only. Training batches are right-padded,
-generation batches left-padded. An answer cut by `max_answer_tokens` or `max_length` is counted in
-`Batch.truncated`; a sample whose answer does not fit at all is removed from the batch and its key listed
-in `Batch.dropped` (never trained on as an empty target). A batch that loses every sample is a
-configuration error (`max_length` too small for the prompt) and raises.
+both cases, so the two paths give the same loss. Its input batches come from `litegpt.model.inputs`; the
+image embeddings are spliced into the batch's image slots.
 """
 
 from __future__ import annotations
@@ -18,20 +11,18 @@ from __future__ import annotations
 import importlib.util
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from litegpt.encoders import VisualBackbone, backbone_geometry, torch_dtype
-from litegpt.grammar import IMAGE_PLACEHOLDER
-from litegpt.model_config import ConfigError, LLMConfig, LoraSettings, ModelConfig, resolve_arch
+from litegpt.model.config import ConfigError, LLMConfig, LoraSettings, ModelConfig, resolve_arch
+from litegpt.model.encoders import VisualBackbone, backbone_geometry, torch_dtype
+from litegpt.model.inputs import Batch, InputBuilder, Visual
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 
 
 class TokenBatchNorm(nn.Module):
@@ -84,129 +75,6 @@ class Projector(nn.Sequential):
 
 
 @dataclass
-class TrainSample:
-    """One sample for a training batch: rendered prompt and answer, and pixels or features per encoder."""
-
-    key: str
-    prompt: str
-    answer: str
-    pixels: dict[str, torch.Tensor] | None = None
-    features: dict[str, torch.Tensor] | None = None
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, L]; image slots hold the pad id
-    image_mask: torch.Tensor  # [B, L] bool: where image embeddings go
-    attention_mask: torch.Tensor  # [B, L]
-    labels: torch.Tensor | None  # [B, L], IGNORE_INDEX outside the answer; None for generation
-    visual: dict[str, torch.Tensor]  # per encoder, stacked over the kept samples
-    visual_is_features: bool
-    keys: list[str]
-    truncated: int = 0  # answers cut short (still trained on, without their end)
-    dropped: list[str] = field(default_factory=list)  # samples removed: no answer token fitted
-
-    def to(self, device: torch.device | str) -> Batch:
-        move = {k: v.to(device) for k, v in self.visual.items()}
-        return Batch(self.input_ids.to(device), self.image_mask.to(device), self.attention_mask.to(device),
-                     None if self.labels is None else self.labels.to(device), move, self.visual_is_features,
-                     self.keys, self.truncated, list(self.dropped))
-
-
-class InputBuilder:
-    """Token assembly for prompts with one `<ImageHere>`; see the module docstring for the rules."""
-
-    def __init__(self, tokenizer, image_tokens: int, max_length: int, max_answer_tokens: int):
-        self.tokenizer = tokenizer
-        self.image_tokens = image_tokens
-        self.max_length = max_length
-        self.max_answer_tokens = max_answer_tokens
-        self.bos = tokenizer.bos_token_id
-        self.eos = tokenizer.eos_token_id
-        if self.bos is None or self.eos is None:
-            raise ConfigError("the tokenizer needs BOS and EOS tokens")
-        self.pad = next(t for t in (tokenizer.pad_token_id, tokenizer.unk_token_id, self.eos) if t is not None)
-        self._prompts: dict[str, tuple[list[int], list[int]]] = {}
-
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def prompt_ids(self, prompt: str) -> tuple[list[int], list[int]]:
-        """Token ids before and after the image placeholder (memoised: prompts repeat)."""
-        if prompt not in self._prompts:
-            parts = prompt.split(IMAGE_PLACEHOLDER)
-            if len(parts) != 2:
-                raise ValueError(f"a prompt needs exactly one {IMAGE_PLACEHOLDER}, got {len(parts) - 1}: {prompt!r}")
-            self._prompts[prompt] = (self._ids(parts[0]), self._ids(parts[1]))
-        return self._prompts[prompt]
-
-    def _row(self, prompt: str, answer_ids: list[int]) -> tuple[list[int], list[bool], list[int]]:
-        before, after = self.prompt_ids(prompt)
-        ids = [self.bos, *before, *[self.pad] * self.image_tokens, *after]
-        image = [False] * (1 + len(before)) + [True] * self.image_tokens + [False] * len(after)
-        labels = [IGNORE_INDEX] * len(ids) + answer_ids
-        return ids + answer_ids, image + [False] * len(answer_ids), labels
-
-    def train_batch(self, samples: Sequence[TrainSample]) -> Batch:
-        rows, kept, truncated, dropped = [], [], 0, []
-        for sample in samples:
-            answer = [*self._ids(sample.answer), self.eos]
-            prompt_len = 1 + sum(map(len, self.prompt_ids(sample.prompt))) + self.image_tokens
-            room = min(self.max_answer_tokens, self.max_length - prompt_len)
-            if room <= 0:
-                dropped.append(sample.key)
-                continue
-            if len(answer) > room:
-                truncated += 1
-                answer = answer[:room]
-            rows.append(self._row(sample.prompt, answer))
-            kept.append(sample)
-        if not kept:
-            raise ConfigError(f"no sample of this batch fits: the prompt alone reaches llm.max_length = "
-                              f"{self.max_length} tokens; raise it")
-        length = max(len(ids) for ids, _, _ in rows)
-        input_ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        image_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-        attention = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (ids, image, lab) in enumerate(rows):  # right padding
-            n = len(ids)
-            input_ids[i, :n] = torch.tensor(ids)
-            labels[i, :n] = torch.tensor(lab)
-            image_mask[i, :n] = torch.tensor(image)
-            attention[i, :n] = 1
-        visual, is_features = _stack_visual(kept)
-        return Batch(input_ids, image_mask, attention, labels, visual, is_features, [s.key for s in kept],
-                     truncated, dropped)
-
-    def generation_batch(self, keys: Sequence[str], prompts: Sequence[str], *,
-                         pixels: Sequence[dict[str, torch.Tensor]] | None = None,
-                         features: Sequence[dict[str, torch.Tensor]] | None = None) -> Batch:
-        samples = [TrainSample(k, p, "", None if pixels is None else pixels[i], None if features is None
-                               else features[i]) for i, (k, p) in enumerate(zip(keys, prompts))]
-        rows = [self._row(s.prompt, []) for s in samples]
-        length = max(len(ids) for ids, _, _ in rows)
-        input_ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
-        image_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-        attention = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (ids, image, _) in enumerate(rows):  # left padding
-            n = len(ids)
-            input_ids[i, length - n:] = torch.tensor(ids)
-            image_mask[i, length - n:] = torch.tensor(image)
-            attention[i, length - n:] = 1
-        visual, is_features = _stack_visual(samples)
-        return Batch(input_ids, image_mask, attention, None, visual, is_features, list(keys))
-
-
-def _stack_visual(samples: Sequence[TrainSample]) -> tuple[dict[str, torch.Tensor], bool]:
-    is_features = samples[0].features is not None
-    if any((s.features is not None) != is_features or (s.pixels is None) == (s.features is None) for s in samples):
-        raise ValueError("every sample of a batch needs either pixels or features (not both, not a mix)")
-    dicts = [s.features if is_features else s.pixels for s in samples]
-    return {name: torch.stack([d[name] for d in dicts]) for name in dicts[0]}, is_features
-
-
-@dataclass
 class Generation:
     """A generated answer: its text and, per generated token (EOS excluded), id, piece and probability."""
 
@@ -218,8 +86,7 @@ class Generation:
 
 @dataclass
 class Output:
-    loss: torch.Tensor
-    answer_tokens: int  # label tokens the loss averages over
+    loss: torch.Tensor  # mean over the answer tokens of the batch (a device tensor: no host sync here)
 
 
 class LiteGPT(nn.Module):
@@ -241,9 +108,9 @@ class LiteGPT(nn.Module):
         self.inputs = None if tokenizer is None else InputBuilder(
             tokenizer, self.image_tokens, cfg.llm.max_length, cfg.llm.max_answer_tokens)
 
-    def image_embeddings(self, visual: dict[str, torch.Tensor], is_features: bool) -> torch.Tensor:
+    def image_embeddings(self, visual: dict[str, torch.Tensor], source: Visual) -> torch.Tensor:
         """[B, N/k, D] embeddings from per-encoder pixels (run through the encoders) or cached features."""
-        if not is_features:
+        if source is Visual.LIVE:
             if self.vision is None:
                 raise ValueError("this model was built without encoders; give it cached features")
             visual = self.vision(visual)
@@ -257,7 +124,7 @@ class LiteGPT(nn.Module):
     def _embeds(self, batch: Batch) -> torch.Tensor:
         embed = self.llm.get_input_embeddings()
         embeds = embed(batch.input_ids)
-        images = self.image_embeddings(batch.visual, batch.visual_is_features).to(embeds.dtype)
+        images = self.image_embeddings(batch.visual, batch.source).to(embeds.dtype)
         expected = batch.image_mask.sum(dim=1)
         if not bool((expected == self.image_tokens).all()):
             raise ValueError(f"each sample needs {self.image_tokens} image slots, got {expected.tolist()}")
@@ -267,7 +134,7 @@ class LiteGPT(nn.Module):
         if batch.labels is None:
             raise ValueError("a training batch needs labels; use InputBuilder.train_batch")
         out = self.llm(inputs_embeds=self._embeds(batch), attention_mask=batch.attention_mask, labels=batch.labels)
-        return Output(out.loss, int((batch.labels[:, 1:] != IGNORE_INDEX).sum()))
+        return Output(out.loss)
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 256, **generate_kwargs) -> list[Generation]:
@@ -389,7 +256,7 @@ def build_model(cfg: ModelConfig, *, load_weights: bool = True, with_encoders: b
     model.projector.to(torch_dtype(cfg.llm.dtype))
     model.merge.to(torch_dtype(cfg.llm.dtype))
     if load and cfg.minigpt_checkpoint:
-        from litegpt.minigpt import import_minigpt
+        from litegpt.model.minigpt import import_minigpt
         import_minigpt(model, cfg.minigpt_checkpoint)
     return model
 

@@ -15,10 +15,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from litegpt.data.inspection import draw_boxes
+from litegpt.eval.metrics import FINDING_NAMES, Prediction
 from litegpt.grammar import parse
-from litegpt.inspect import draw_boxes
 from litegpt.labels import GLOBAL_LABELS, LOCAL_LABELS
-from litegpt.metrics import FINDING_NAMES, Prediction
 
 PREDICTED_COLOUR = (255, 0, 0)
 TRUTH_COLOUR = (0, 255, 0)

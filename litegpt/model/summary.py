@@ -11,8 +11,8 @@ import argparse
 import torch
 from torch import nn
 
-from litegpt.model import build_model, parameter_counts
-from litegpt.model_config import ModelConfig, load_model_config
+from litegpt.model.config import ModelConfig, load_model_config
+from litegpt.model.model import build_model, parameter_counts
 
 
 def meta_model(cfg: ModelConfig) -> nn.Module:

@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.parse_args(argv)
         return 2
+    from litegpt.distributed import setup_logging
+
+    setup_logging()
     module = importlib.import_module(COMMANDS[argv[0]][0])
     cmd_parser = argparse.ArgumentParser(prog=f"litegpt {argv[0]}", description=COMMANDS[argv[0]][1])
     module.add_arguments(cmd_parser)

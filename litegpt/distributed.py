@@ -7,8 +7,10 @@ and a plain `python train.py` becomes a world of one with its own rendezvous.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 import subprocess
 from dataclasses import dataclass
 
@@ -68,3 +70,19 @@ def export(dist: DistEnv) -> None:
         "RANK": str(dist.rank), "LOCAL_RANK": str(dist.local_rank), "WORLD_SIZE": str(dist.world_size),
         "MASTER_ADDR": dist.master_addr, "MASTER_PORT": str(dist.master_port),
     })
+
+
+def setup_logging(rank: int | None = None) -> None:
+    """Show litegpt's INFO records (the attention implementation chosen, the MiniGPT-v2 import) on stderr,
+    once per entry point; on multi-rank runs only rank 0 speaks (others keep warnings and errors).
+    `rank=None` reads it from the launcher's environment."""
+    rank = detect().rank if rank is None else rank
+    logger = logging.getLogger("litegpt")
+    if any(getattr(h, "litegpt", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    handler.litegpt = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False

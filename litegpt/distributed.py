@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import subprocess
+import sys
 from dataclasses import dataclass
 
 
@@ -85,4 +85,3 @@ def setup_logging(rank: int | None = None) -> None:
     handler.litegpt = True
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    logger.propagate = False

@@ -14,12 +14,12 @@ import webdataset as wds
 from PIL import Image
 
 from litegpt.cli import main as cli
+from litegpt.data import prepare as prepare_module
 from litegpt.data.inspection import draw_samples, label_colour, summary
 from litegpt.data.prepare import PrepareConfig, prepare
 from litegpt.data.shards import read_manifest
 from litegpt.data.synth import PHI_MARKER
 from litegpt.labels import GLOBAL_LABELS, NO_FINDING
-from litegpt.train.stream import prepare as prepare_module
 
 
 def tar_bytes(directory: Path) -> dict[str, bytes]:

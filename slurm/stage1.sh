@@ -6,7 +6,7 @@
 #   LITEGPT_PYTHON      interpreter                      (default .venv/bin/python)
 #   LITEGPT_CONFIG      stage recipe                     (default configs/stage1.yaml)
 #   LITEGPT_DS_CONFIG   DeepSpeed config                 (default ds_configs/zero2.json)
-#   LITEGPT_TRAIN_ARGS  extra train.py arguments, word-split (e.g. "--set run_dir=/scratch/runs")
+#   LITEGPT_TRAIN_ARGS  extra train.py arguments, word-split (e.g. "--set run.dir=/scratch/runs")
 # train.py exits 75 after checkpointing on SIGUSR1/SIGTERM; this script then requeues the job, and the
 # next run continues with --resume auto.
 #SBATCH --job-name=litegpt-stage1

@@ -17,7 +17,6 @@ import dataclasses
 import io
 import json
 import platform
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +26,9 @@ import torch
 from PIL import Image, ImageFilter
 
 from litegpt import grammar
-from litegpt.data.shards import MANIFEST, Sample, shard_name, write_json_atomic, write_shard
+from litegpt.data.shards import MANIFEST, Sample, iter_tar, shard_name, write_shard
 from litegpt.features import build_cache, open_cache
+from litegpt.files import write_json_atomic
 from litegpt.model.config import load_model_config
 from litegpt.model.encoders import VisualBackbone
 from litegpt.model.inputs import TrainSample, Visual
@@ -89,8 +89,7 @@ def step_times(cfg, shards: Path, batch_size: int, steps: int) -> dict[str, floa
     prompt = grammar.render_prompt("vqa")
     pngs = {}
     for path in sorted(shards.glob("train-*.tar")):
-        with tarfile.open(path) as tar:
-            pngs.update({m.name.split(".")[0]: tar.extractfile(m).read() for m in tar if m.name.endswith(".png")})
+        pngs.update({s.key: s.members["png"] for s in iter_tar(path, extensions={"png"})})
     cached, live = [], []
     for key, meta, features in cache.samples("train"):
         answer = grammar.render_answer("vqa", meta)

@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import shutil
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from litegpt import __version__
-from litegpt.data.shards import MANIFEST, Sample, read_manifest, write_json_atomic, write_shard
+from litegpt.data.shards import MANIFEST, Sample, iter_tar, read_manifest, write_shard
+from litegpt.files import write_json_atomic
 from litegpt.model.config import VisionConfig, load_model_config
 from litegpt.model.encoders import VisualBackbone, kind_of, weights_digest
 from litegpt.model.inputs import Visual
@@ -69,24 +69,6 @@ def cache_dir(shards: Path, fp: str) -> Path:
 
 def rebuild_hint(shards: Path, model_config: str | Path | None) -> str:
     return f"litegpt cache-features --shards {shards} --model {model_config or '<model config>'}"
-
-
-def _iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample, in tar order (members of a sample are adjacent)."""
-    key, members = None, {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = Path(member.name).name
-            name_key, _, ext = base.partition(".")
-            if name_key != key:
-                if key is not None:
-                    yield key, members
-                key, members = name_key, {}
-            members[ext] = tar.extractfile(member).read()
-    if key is not None:
-        yield key, members
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -171,13 +153,13 @@ def encode_shards(shards: Path, vision: VisionConfig, names: Iterable[str], *, b
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for name in todo:
             def samples() -> Iterator[Sample]:
-                for batch in _batches(_iter_tar(shards / name), batch_size):
-                    pixels = list(pool.map(lambda kv: _decode_png(backbone, kv[1]["png"]), batch))
+                for batch in _batches(iter_tar(shards / name), batch_size):
+                    pixels = list(pool.map(lambda sample: _decode_png(backbone, sample.members["png"]), batch))
                     stacked = {enc: torch.stack([p[enc] for p in pixels]).to(device) for enc in pixels[0]}
                     with torch.inference_mode():
                         feats = {enc: f.cpu().numpy() for enc, f in backbone(stacked).items()}
-                    for i, (key, members) in enumerate(batch):
-                        yield Sample(key, {"json": members["json"],
+                    for i, sample in enumerate(batch):
+                        yield Sample(sample.key, {"json": sample.members["json"],
                                            **{f"{enc}.npy": _npy(f[i]) for enc, f in feats.items()}})
                     bar.update(len(batch))
 
@@ -253,9 +235,9 @@ class FeatureCache:
     def samples(self, split: str) -> Iterator[tuple[str, dict, dict[str, torch.Tensor]]]:
         """(key, json, features) for every sample of a split, in shard order."""
         for path in self.shard_paths(split):
-            for key, members in _iter_tar(path):
-                meta, features = decode_features(members)
-                yield key, meta, features
+            for sample in iter_tar(path):
+                meta, features = decode_features(sample.members)
+                yield sample.key, meta, features
 
 
 def open_cache(shards: Path, vision: VisionConfig, model_config: str | Path | None = None) -> FeatureCache:

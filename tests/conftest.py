@@ -63,7 +63,8 @@ def write_tiny_shards(directory: Path, sizes: dict[str, list[int]], seed: int = 
     import numpy as np
     from PIL import Image
 
-    from litegpt.data.shards import MANIFEST, Sample, shard_name, write_json_atomic, write_shard
+    from litegpt.data.shards import MANIFEST, Sample, shard_name, write_shard
+    from litegpt.files import write_json_atomic
 
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "litegpt"
-SHARED = {"litegpt", "litegpt.labels", "litegpt.grammar", "litegpt.boxes", "litegpt.distributed"}
+SHARED = {"litegpt", "litegpt.labels", "litegpt.grammar", "litegpt.boxes", "litegpt.distributed", "litegpt.files"}
 
 
 def module_name(path: Path) -> str:

@@ -34,12 +34,11 @@ from litegpt.data.shards import (
     Sample,
     iter_json,
     png_bytes,
-    sha256_file,
     shard_name,
-    write_json_atomic,
     write_shard,
 )
 from litegpt.data.sources import DatasetError, ImageRecord, Problem, detect_layout, read_dataset
+from litegpt.files import sha256_file, write_json_atomic
 from litegpt.labels import ALL_LABELS
 
 PARTIAL = ".partial"

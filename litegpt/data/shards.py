@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Container, Iterable, Iterator
+
+from litegpt.files import atomic_file
 
 MANIFEST = "manifest.json"
 FORMAT = "litegpt-shards/1"
@@ -30,14 +31,6 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class Sample:
     key: str
@@ -47,36 +40,29 @@ class Sample:
 def write_shard(path: Path, samples: Iterable[Sample]) -> tuple[int, str]:
     """Write samples to `path` atomically (temp name, fsync, rename); returns (count, sha256).
 
+    Members are named `<key>.<extension>` (what `iter_tar` splits), so a key may not contain a dot.
     Plain tarfile (what webdataset's TarWriter wraps) keeps torch out of the workers' imports; fixed mtime,
     owner and mode make the bytes depend on the samples alone.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     count = 0
-    try:
-        with open(tmp, "wb") as raw, tarfile.open(fileobj=(fh := _HashingWriter(raw)), mode="w",
-                                                  format=tarfile.USTAR_FORMAT) as tar:
-            for sample in samples:
-                for ext, data in sample.members.items():
-                    info = tarfile.TarInfo(f"{sample.key}.{ext}")
-                    info.size, info.mtime, info.mode = len(data), 0, 0o444
-                    info.uname = info.gname = "litegpt"
-                    tar.addfile(info, io.BytesIO(data))
-                count += 1
-            tar.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    with atomic_file(path) as raw, tarfile.open(fileobj=(fh := _HashingWriter(raw)), mode="w",
+                                                format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            if "." in sample.key:
+                raise ValueError(f"shard sample key {sample.key!r} contains a dot")
+            for ext, data in sample.members.items():
+                info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                info.uname = info.gname = "litegpt"
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
     return count, fh.digest.hexdigest()
 
 
 class _HashingWriter:
     """A write-only file that hashes what passes through, so a shard is not read back to hash it."""
 
-    def __init__(self, raw) -> None:
+    def __init__(self, raw: BinaryIO) -> None:
         self.raw, self.digest = raw, hashlib.sha256()
 
     def write(self, data: bytes) -> int:
@@ -87,10 +73,39 @@ class _HashingWriter:
         return self.raw.tell()
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+def iter_tar(path: Path, extensions: Container[str] | None = None) -> Iterator[Sample]:
+    """The samples of one tar in order, split back into key and members as `write_shard` joined them.
+
+    With `extensions`, only those members are read (the others are skipped unread, e.g. PNGs when only the
+    json is wanted).
+    """
+    key, members = None, {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name_key, _, ext = member.name.partition(".")
+            if name_key != key:
+                if key is not None:
+                    yield Sample(key, members)
+                key, members = name_key, {}
+            if extensions is None or ext in extensions:
+                members[ext] = tar.extractfile(member).read()
+    if key is not None:
+        yield Sample(key, members)
+
+
+def read_samples(paths: Iterable[Path]) -> Iterator[dict]:
+    """Undecoded samples of several tars in order, as webdataset spells them: {"__key__": key, ext: bytes}."""
+    for path in paths:
+        for sample in iter_tar(path):
+            yield {"__key__": sample.key, **sample.members}
+
+
+def iter_json(path: Path) -> Iterator[dict]:
+    """The `json` member of every sample of one tar, without reading images."""
+    for sample in iter_tar(path, extensions={"json"}):
+        yield json.loads(sample.members["json"])
 
 
 def read_manifest(directory: Path) -> dict:
@@ -117,13 +132,11 @@ def shard_paths(directory: Path, split: str, manifest: dict | None = None) -> li
 
 def iter_samples(directory: Path, split: str) -> Iterator[dict]:
     """Every sample of a split in shard order, decoded: {"__key__", "png": PIL image (L), "json": dict}."""
-    paths = shard_paths(directory, split)
-    if not paths:
-        return iter(())
-    import webdataset as wds  # imports torch: only where samples are read
+    from PIL import Image
 
-    dataset = wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False).decode("pill")
-    return iter(dataset)
+    for raw in read_samples(shard_paths(directory, split)):
+        with Image.open(io.BytesIO(raw["png"])) as image:
+            yield {"__key__": raw["__key__"], "png": image.convert("L"), "json": json.loads(raw["json"])}
 
 
 def png_bytes(pixels, compress_level: int) -> bytes:
@@ -132,11 +145,3 @@ def png_bytes(pixels, compress_level: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
-
-
-def iter_json(path: Path) -> Iterator[dict]:
-    """The `json` member of every sample of one tar, without decoding images."""
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if member.name.endswith(".json"):
-                yield json.loads(tar.extractfile(member).read())

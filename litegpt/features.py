@@ -9,7 +9,7 @@ not depend on merge, projector or LLM settings, so one cache serves every such a
 The fingerprint is a sha256 over everything that changes the features, spelled out in the manifest's
 `fingerprint_inputs`: per encoder its name, kind, weight-file hashes (or arch + seed for random weights),
 image size, interpolation, mean/std, layer, dropped prefix tokens; the encoders' compute dtype and the
-feature dtype; the cache format. Completeness: each shard is written under a temp name and renamed, its
+feature dtype; the cache format. Completeness is the shard set's (`shards.ShardSetWriter`): each shard's
 record (sample count, sha256, the source shard's sha256) goes to `.partial/`, and `manifest.json` is
 written last by `finalize`, which checks that every image shard has its feature shard. Without a
 manifest a cache is incomplete and is refused. `encode_shards` takes any subset of shard names, so ranks
@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import io
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +34,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from litegpt import __version__
-from litegpt.data.shards import MANIFEST, Sample, iter_tar, read_manifest, write_shard
-from litegpt.files import write_json_atomic
+from litegpt.data.shards import MANIFEST, Sample, ShardSetWriter, iter_tar, read_manifest, write_shard
 from litegpt.model.config import VisionConfig, load_model_config
 from litegpt.model.encoders import VisualBackbone, kind_of, weights_digest
 from litegpt.model.inputs import Visual
 
 FORMAT = "litegpt-features/1"
-PARTIAL = ".partial"
 
 
 class FeatureCacheError(ValueError):
@@ -122,6 +119,20 @@ def _decode_png(backbone: VisualBackbone, data: bytes) -> dict[str, torch.Tensor
         return backbone.preprocess(image)
 
 
+def _encoded(path: Path, backbone: VisualBackbone, pool: ThreadPoolExecutor, batch_size: int, device: str,
+             bar: tqdm) -> Iterator[Sample]:
+    """The feature samples of one image shard: its json byte for byte, and one `<encoder>.npy` per encoder."""
+    for batch in _batches(iter_tar(path), batch_size):
+        pixels = list(pool.map(lambda sample: _decode_png(backbone, sample.members["png"]), batch))
+        stacked = {enc: torch.stack([p[enc] for p in pixels]).to(device) for enc in pixels[0]}
+        with torch.inference_mode():
+            feats = {enc: f.cpu().numpy() for enc, f in backbone(stacked).items()}
+        for i, sample in enumerate(batch):
+            yield Sample(sample.key, {"json": sample.members["json"],
+                                      **{f"{enc}.npy": _npy(f[i]) for enc, f in feats.items()}})
+        bar.update(len(batch))
+
+
 def encode_shards(shards: Path, vision: VisionConfig, names: Iterable[str], *, backbone: VisualBackbone | None = None,
                   batch_size: int = 32, device: str = "cpu", workers: int = 2, progress: bool = True) -> list[dict]:
     """Encode the named image shards into the cache (skipping ones already done); returns their records."""
@@ -133,18 +144,15 @@ def encode_shards(shards: Path, vision: VisionConfig, names: Iterable[str], *, b
     if unknown:
         raise FeatureCacheError(f"{shards}: not in its manifest: {', '.join(unknown)}")
     out = cache_dir(shards, fingerprint(fingerprint_inputs(vision)))
-    done = _records(out)
+    writer = ShardSetWriter(out)
+    done = writer.records()
     fresh = {n for n, r in done.items()
              if n in sources and r["source_sha256"] == sources[n]["sha256"] and (out / n).is_file()}
     records = [done[n] for n in names if n in fresh]
     todo = [n for n in names if n not in fresh]
     if not todo:
         return records
-    (out / PARTIAL).mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).is_file():  # some shard is stale: the cache must stop looking complete first
-        for record in done.values():
-            write_json_atomic(out / PARTIAL / f"{record['name']}.json", record)
-        (out / MANIFEST).unlink(missing_ok=True)
+    writer.begin(done.values())
     if backbone is None:
         backbone = VisualBackbone(vision)
     backbone.to(device)
@@ -152,37 +160,16 @@ def encode_shards(shards: Path, vision: VisionConfig, names: Iterable[str], *, b
                dynamic_ncols=True, disable=None if progress else True)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for name in todo:
-            def samples() -> Iterator[Sample]:
-                for batch in _batches(iter_tar(shards / name), batch_size):
-                    pixels = list(pool.map(lambda sample: _decode_png(backbone, sample.members["png"]), batch))
-                    stacked = {enc: torch.stack([p[enc] for p in pixels]).to(device) for enc in pixels[0]}
-                    with torch.inference_mode():
-                        feats = {enc: f.cpu().numpy() for enc, f in backbone(stacked).items()}
-                    for i, sample in enumerate(batch):
-                        yield Sample(sample.key, {"json": sample.members["json"],
-                                           **{f"{enc}.npy": _npy(f[i]) for enc, f in feats.items()}})
-                    bar.update(len(batch))
-
-            count, digest = write_shard(out / name, samples())
+            samples = _encoded(shards / name, backbone, pool, batch_size, device, bar)
+            count, digest = write_shard(out / name, samples)
             record = {"name": name, "split": sources[name]["split"], "samples": count, "sha256": digest,
                       "source_sha256": sources[name]["sha256"]}
             if count != sources[name]["samples"]:
                 raise FeatureCacheError(f"{shards / name}: {count} samples read, its manifest says "
                                         f"{sources[name]['samples']}")
-            write_json_atomic(out / PARTIAL / f"{name}.json", record)
+            writer.add(record)
             records.append(record)
     bar.close()
-    return records
-
-
-def _records(out: Path) -> dict[str, dict]:
-    """Shard records of a cache directory: the manifest's, then those of shards written since."""
-    records = {}
-    if (out / MANIFEST).is_file():
-        records.update({r["name"]: r for r in json.loads((out / MANIFEST).read_text())["shards"]})
-    for path in sorted((out / PARTIAL).glob("*.json")):
-        record = json.loads(path.read_text())
-        records[record["name"]] = record
     return records
 
 
@@ -193,7 +180,8 @@ def finalize(shards: Path, vision: VisionConfig) -> Path:
     inputs = fingerprint_inputs(vision)
     fp = fingerprint(inputs)
     out = cache_dir(shards, fp)
-    records, missing, done = [], [], _records(out)
+    writer = ShardSetWriter(out)
+    records, missing, done = [], [], writer.records()
     for source in image_manifest["shards"]:
         record = done.get(source["name"])
         if record is None or record["source_sha256"] != source["sha256"] or not (out / source["name"]).is_file():
@@ -209,11 +197,7 @@ def finalize(shards: Path, vision: VisionConfig) -> Path:
         splits[record["split"]]["shards"] += 1
     manifest = {"format": FORMAT, "litegpt_version": __version__, "fingerprint": fp,
                 "fingerprint_inputs": inputs, "source_shards": str(shards), "splits": splits, "shards": records}
-    for path in out.glob("*.tar"):  # feature shards of image shards that no longer exist
-        if path.name not in {r["name"] for r in records}:
-            path.unlink()
-    write_json_atomic(out / MANIFEST, manifest)
-    shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    writer.finish(manifest)  # also removes feature shards of image shards that no longer exist
     return out
 
 

@@ -132,24 +132,24 @@ def test_missing_csv_column_stops_before_any_work(synth_root, tmp_path, capsys):
 
 
 def test_interrupted_run_leaves_no_complete_looking_shard_and_resumes(prepared, synth_root, tmp_path, monkeypatch):
-    real = prepare_module.convert_task
+    real = prepare_module.convert_image
     calls = {"n": 0}
 
-    def dies_on_the_20th(task, cfg):
+    def dies_on_the_20th(job, cfg):
         calls["n"] += 1
         if calls["n"] == 20:
             raise KeyboardInterrupt  # like Ctrl-C in the middle of the third shard
-        return real(task, cfg)
+        return real(job, cfg)
 
     cfg = PrepareConfig(root=synth_root, out=tmp_path, samples_per_shard=8, workers=1)
-    monkeypatch.setattr(prepare_module, "convert_task", dies_on_the_20th)
+    monkeypatch.setattr(prepare_module, "convert_image", dies_on_the_20th)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg)
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "manifest.json").exists()
     first = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")}
 
-    monkeypatch.setattr(prepare_module, "convert_task", real)
+    monkeypatch.setattr(prepare_module, "convert_image", real)
     prepare(cfg)
     assert {n: (tmp_path / n).stat().st_mtime_ns for n in first} == first  # not rewritten
     assert tar_bytes(tmp_path) == tar_bytes(prepared)

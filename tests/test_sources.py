@@ -65,15 +65,15 @@ def test_real_vinbigdata_drop_policy_matches_pandas(kaggle_root):
 
     records, _ = read_dataset(kaggle_root, "kaggle")
     cfg = PrepareConfig(root=kaggle_root, out=kaggle_root / "out")
-    tasks, dropped = plan(records, cfg)
+    jobs, dropped = plan(records, cfg)
     assert {d.image_id for d in dropped} == conflicting
     assert all("found nothing" in d.reason for d in dropped)
-    assert len(tasks) == 15000 - len(conflicting)
+    assert len(jobs) == 15000 - len(conflicting)
 
     union_cfg = PrepareConfig(root=kaggle_root, out=kaggle_root / "out", policy=PolicyConfig("union"))
-    union_tasks, union_dropped = plan(records, union_cfg)
+    union_jobs, union_dropped = plan(records, union_cfg)
     assert union_dropped == []
-    assert {t.image_id for t in union_tasks if t.labels.findings} == with_findings
+    assert {j.image_id for j in union_jobs if j.labels.findings} == with_findings
 
 
 HEADER = "image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max\n"

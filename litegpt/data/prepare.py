@@ -15,7 +15,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import sys
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -32,16 +31,16 @@ from litegpt.data.shards import (
     MANIFEST,
     SPLITS,
     Sample,
+    ShardSetWriter,
     iter_json,
     png_bytes,
     shard_name,
     write_shard,
 )
 from litegpt.data.sources import DatasetError, ImageRecord, Problem, detect_layout, read_dataset
-from litegpt.files import sha256_file, write_json_atomic
+from litegpt.files import sha256_file
 from litegpt.labels import ALL_LABELS
 
-PARTIAL = ".partial"
 BOX_TOLERANCE_PX = 1.0  # boxes may overrun the image by rounding; more than this is an annotation error
 
 
@@ -69,7 +68,7 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
-class Task:
+class ImageJob:
     """One image to convert, with its labels already decided (boxes in original pixels)."""
 
     image_id: str
@@ -95,104 +94,92 @@ def _init_worker(cfg: PrepareConfig) -> None:
     _worker_cfg = cfg
 
 
-def convert_task(task: Task, cfg: PrepareConfig) -> Result:
+def convert_image(job: ImageJob, cfg: PrepareConfig) -> Result:
     """Decode and convert one DICOM and normalise its boxes; never raises for a bad file."""
     try:
         with warnings.catch_warnings():  # pydicom warns about damaged files; the manifest records them instead
             warnings.simplefilter("ignore")
-            image = convert_dicom(Path(task.path), cfg.convert)
+            image = convert_dicom(Path(job.path), cfg.convert)
     except DicomError as exc:
-        return Result(task.image_id, None, Problem(task.image_id, task.split, "bad_dicom", str(exc)))
+        return Result(job.image_id, None, Problem(job.image_id, job.split, "bad_dicom", str(exc)))
     except Exception as exc:  # noqa: BLE001 - one odd file among 18,000 must not end the run
-        reason = f"{task.path}: unexpected {type(exc).__name__} while converting: {exc}"
-        return Result(task.image_id, None, Problem(task.image_id, task.split, "bad_dicom", reason))
+        reason = f"{job.path}: unexpected {type(exc).__name__} while converting: {exc}"
+        return Result(job.image_id, None, Problem(job.image_id, job.split, "bad_dicom", reason))
     findings = []
-    for label, (x0, y0, x1, y1) in task.labels.findings:
+    for label, (x0, y0, x1, y1) in job.labels.findings:
         if x1 > image.cols + BOX_TOLERANCE_PX or y1 > image.rows + BOX_TOLERANCE_PX:
-            reason = (f"{task.path}: {label} box {[x0, y0, x1, y1]} lies outside the image "
+            reason = (f"{job.path}: {label} box {[x0, y0, x1, y1]} lies outside the image "
                       f"({image.cols} x {image.rows} px)")
-            return Result(task.image_id, None, Problem(task.image_id, task.split, "bad_annotation", reason))
+            return Result(job.image_id, None, Problem(job.image_id, job.split, "bad_annotation", reason))
         box = [min(x0 / image.cols, 1.0), min(y0 / image.rows, 1.0), min(x1 / image.cols, 1.0), min(y1 / image.rows, 1.0)]
         findings.append({"label": label, "box": box})
     meta = {
-        "image_id": task.image_id,
-        "split": task.split,
+        "image_id": job.image_id,
+        "split": job.split,
         "source": {"rows": image.rows, "cols": image.cols, "photometric": image.photometric,
                    "bits_stored": image.bits_stored, "transfer_syntax": image.transfer_syntax, "window": image.window},
         "size": [int(image.pixels.shape[1]), int(image.pixels.shape[0])],
         "findings": findings,
-        "diagnoses": task.labels.diagnoses,
-        "n_raters": task.labels.n_raters,
+        "diagnoses": job.labels.diagnoses,
+        "n_raters": job.labels.n_raters,
     }
     members = {"png": png_bytes(image.pixels, cfg.png_compress_level),
                "json": json.dumps(meta, sort_keys=True).encode()}
-    return Result(task.image_id, Sample(task.image_id, members), None)
+    return Result(job.image_id, Sample(job.image_id, members), None)
 
 
-def _convert_in_worker(task: Task) -> Result:
+def _convert_in_worker(job: ImageJob) -> Result:
     assert _worker_cfg is not None
-    return convert_task(task, _worker_cfg)
+    return convert_image(job, _worker_cfg)
 
 
 # ---------------------------------------------------------------- main side
 
-def plan(records: list[ImageRecord], cfg: PrepareConfig) -> tuple[list[Task], list[Problem]]:
+def plan(records: list[ImageRecord], cfg: PrepareConfig) -> tuple[list[ImageJob], list[Problem]]:
     """Apply the label policy; returns the images to convert and those the policy drops."""
-    tasks, dropped = [], []
+    jobs, dropped = [], []
     for record in records:
         try:
             labels = apply_policy(record, cfg.policy)
         except Conflict as exc:
             dropped.append(Problem(record.image_id, record.split, "label_policy", f"{record.annotations[0].file}: {exc}"))
             continue
-        tasks.append(Task(record.image_id, record.split, str(record.path), labels))
-    return tasks, dropped
+        jobs.append(ImageJob(record.image_id, record.split, str(record.path), labels))
+    return jobs, dropped
 
 
-def chunk(tasks: list[Task], size: int) -> list[tuple[str, list[Task]]]:
-    """Cut each split's tasks into consecutive shards; the assignment depends on the inputs alone."""
+def chunk(jobs: list[ImageJob], size: int) -> list[tuple[str, list[ImageJob]]]:
+    """Cut each split's images into consecutive shards; the assignment depends on the inputs alone."""
     shards = []
     for split in SPLITS:
-        in_split = [t for t in tasks if t.split == split]
+        in_split = [j for j in jobs if j.split == split]
         for index, start in enumerate(range(0, len(in_split), size)):
             shards.append((shard_name(split, index), in_split[start:start + size]))
     return shards
 
 
-def inputs_fingerprint(tasks: list[Task], cfg: PrepareConfig) -> str:
+def inputs_fingerprint(jobs: list[ImageJob], cfg: PrepareConfig) -> str:
     digest = hashlib.sha256(json.dumps(cfg.params(), sort_keys=True).encode())
-    for t in tasks:
-        stat = os.stat(t.path)
-        digest.update(json.dumps([t.image_id, t.split, stat.st_size, stat.st_mtime_ns, asdict(t.labels)]).encode())
+    for j in jobs:
+        stat = os.stat(j.path)
+        digest.update(json.dumps([j.image_id, j.split, stat.st_size, stat.st_mtime_ns, asdict(j.labels)]).encode())
     return digest.hexdigest()
 
 
-def _done_shards(out: Path, fingerprint: str) -> dict[str, dict]:
-    """Shards already written by an earlier run with the same inputs, verified by sha256."""
-    records: dict[str, dict] = {}
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        old = json.loads(manifest.read_text())
-        if old.get("inputs_sha256") == fingerprint:
-            for shard in old["shards"]:
-                dropped = [d for d in old["dropped"] if d.get("shard") == shard["name"]]
-                records[shard["name"]] = {**shard, "dropped": dropped}
-    partial = out / PARTIAL
-    if partial.is_dir() and (partial / "inputs_sha256").is_file() and (partial / "inputs_sha256").read_text() == fingerprint:
-        for path in sorted(partial.glob("*.json")):
-            record = json.loads(path.read_text())
-            records[record["name"]] = record
-    return {name: r for name, r in records.items() if (out / name).is_file() and sha256_file(out / name) == r["sha256"]}
+def _manifest_records(manifest: dict) -> list[dict]:
+    """A finished set's shard records, each with the drops it had (as `.partial/` keeps them)."""
+    return [{**shard, "dropped": [d for d in manifest["dropped"] if d.get("shard") == shard["name"]]}
+            for shard in manifest["shards"]]
 
 
-def _results(tasks: list[Task], cfg: PrepareConfig) -> Iterator[Result]:
+def _results(jobs: list[ImageJob], cfg: PrepareConfig) -> Iterator[Result]:
     if cfg.workers <= 1:
-        for task in tasks:
-            yield convert_task(task, cfg)
+        for job in jobs:
+            yield convert_image(job, cfg)
         return
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,)) as pool:
-        yield from pool.imap(_convert_in_worker, tasks, chunksize=1)
+        yield from pool.imap(_convert_in_worker, jobs, chunksize=1)
 
 
 def prepare(cfg: PrepareConfig) -> dict:
@@ -201,50 +188,24 @@ def prepare(cfg: PrepareConfig) -> dict:
         cfg = replace(cfg, layout=detect_layout(cfg.root))
     records, problems = read_dataset(cfg.root, cfg.layout, cfg.holdout)
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # decoder tracebacks for files we skip and list anyway
-    tasks, policy_drops = plan(records, cfg)
-    fingerprint = inputs_fingerprint(tasks, cfg)
+    jobs, policy_drops = plan(records, cfg)
+    fingerprint = inputs_fingerprint(jobs, cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    done = _done_shards(cfg.out, fingerprint)
-    _clear_stale(cfg.out, keep=set(done))
-    partial = cfg.out / PARTIAL
-    partial.mkdir(exist_ok=True)
-    (partial / "inputs_sha256").write_text(fingerprint)
+    writer = ShardSetWriter(cfg.out, fingerprint, _manifest_records)
+    done = {name: r for name, r in writer.records().items()  # verified: a shard may have changed since
+            if (cfg.out / name).is_file() and sha256_file(cfg.out / name) == r["sha256"]}
+    writer.clear_stale(keep=set(done))
+    writer.begin(done.values())
 
-    shards = chunk(tasks, cfg.samples_per_shard)
-    todo = [(name, members) for name, members in shards if name not in done]
+    shards = chunk(jobs, cfg.samples_per_shard)
     bad = [p for p in problems if p.kind != "label_policy"]
-    for name in done:
-        bad.extend(Problem(d["image_id"], d["split"], d["kind"], d["reason"]) for d in done[name]["dropped"])
-    bar = tqdm(total=sum(len(m) for _, m in todo), unit="img", desc="prepare", dynamic_ncols=True,
-               initial=0, disable=None)
-    results = _results([t for _, members in todo for t in members], cfg)
-    for name, members in todo:
-        shard_drops: list[Problem] = []
-
-        def samples() -> Iterator[Sample]:
-            for _ in members:
-                result = next(results)
-                bar.update(1)
-                if result.problem is not None:
-                    shard_drops.append(result.problem)
-                    bad.append(result.problem)
-                    bar.set_postfix(dropped=len(bad) + len(policy_drops), refresh=False)
-                    tqdm.write(f"skipped {result.problem.reason}", file=sys.stderr)
-                    if cfg.max_bad is not None and len(bad) > cfg.max_bad:
-                        raise TooManyBad(f"more than --max-bad {cfg.max_bad} unusable inputs; last: {result.problem.reason}")
-                    continue
-                yield result.sample
-
-        count, digest = write_shard(cfg.out / name, samples())
-        record = {"name": name, "split": name.split("-")[0], "samples": count, "sha256": digest,
-                  "dropped": [{**p.as_dict(), "shard": name} for p in shard_drops]}
-        write_json_atomic(partial / f"{name}.json", record)
-        done[name] = record
-    bar.close()
+    for record in done.values():
+        bad.extend(Problem(d["image_id"], d["split"], d["kind"], d["reason"]) for d in record["dropped"])
+    todo = [(name, members) for name, members in shards if name not in done]
+    done.update(_write_shards(todo, cfg, writer, bad, len(policy_drops)))
 
     manifest = build_manifest(cfg, fingerprint, [done[n] for n, _ in shards], problems + policy_drops)
-    write_json_atomic(cfg.out / MANIFEST, manifest)
-    shutil.rmtree(partial, ignore_errors=True)
+    writer.finish(manifest)
     return manifest
 
 
@@ -252,18 +213,36 @@ class TooManyBad(RuntimeError):
     pass
 
 
-def _clear_stale(out: Path, keep: set[str]) -> None:
-    """Remove shards, temp files and partial records that do not belong to the current inputs."""
-    for path in out.glob("*.tar"):
-        if path.name not in keep:
-            path.unlink()
-    for path in out.glob(".*.tmp"):
-        path.unlink()
-    partial = out / PARTIAL
-    if partial.is_dir():
-        for path in partial.glob("*.json"):
-            if path.stem not in keep:
-                path.unlink()
+def _write_shards(todo: list[tuple[str, list[ImageJob]]], cfg: PrepareConfig, writer: ShardSetWriter,
+                  bad: list[Problem], policy_dropped: int) -> dict[str, dict]:
+    """Convert and write the shards still to do, in order; returns their records. Unusable inputs go to `bad`."""
+    written = {}
+    results = _results([j for _, members in todo for j in members], cfg)
+    with tqdm(total=sum(len(m) for _, m in todo), unit="img", desc="prepare", dynamic_ncols=True,
+              disable=None) as bar:
+        for name, members in todo:
+            drops: list[Problem] = []
+
+            def samples() -> Iterator[Sample]:
+                for _ in members:
+                    result = next(results)
+                    bar.update(1)
+                    if result.problem is None:
+                        yield result.sample
+                        continue
+                    drops.append(result.problem)
+                    bad.append(result.problem)
+                    bar.set_postfix(dropped=len(bad) + policy_dropped, refresh=False)
+                    tqdm.write(f"skipped {result.problem.reason}", file=sys.stderr)
+                    if cfg.max_bad is not None and len(bad) > cfg.max_bad:
+                        raise TooManyBad(f"more than --max-bad {cfg.max_bad} unusable inputs; "
+                                         f"last: {result.problem.reason}")
+
+            count, digest = write_shard(cfg.out / name, samples())
+            written[name] = {"name": name, "split": name.split("-")[0], "samples": count, "sha256": digest,
+                             "dropped": [{**p.as_dict(), "shard": name} for p in drops]}
+            writer.add(written[name])
+    return written
 
 
 def build_manifest(cfg: PrepareConfig, fingerprint: str, shards: list[dict], dropped: list[Problem]) -> dict:

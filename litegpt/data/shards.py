@@ -11,16 +11,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Container, Iterable, Iterator
+from typing import BinaryIO, Callable, Container, Iterable, Iterator
 
-from litegpt.files import atomic_file
+from litegpt.files import atomic_file, write_bytes_atomic, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "litegpt-shards/1"
 SPLITS = ("train", "test")
+PARTIAL = ".partial"
+INPUTS = "inputs_sha256"
 
 
 class ShardError(ValueError):
@@ -106,6 +109,68 @@ def iter_json(path: Path) -> Iterator[dict]:
     """The `json` member of every sample of one tar, without reading images."""
     for sample in iter_tar(path, extensions={"json"}):
         yield json.loads(sample.members["json"])
+
+
+class ShardSetWriter:
+    """Writes a shard set so that an interrupted run resumes and only a finished one looks complete.
+
+    Each shard's record (a dict with its "name") goes to `.partial/<name>.json` as soon as the shard is
+    written; `finish` writes manifest.json, which lists them, last. `inputs`, a digest of what the shards are
+    made from, is kept beside the records (`.partial/inputs_sha256`) and in the manifest (`inputs_sha256`),
+    so records made from other inputs are never reused; None where the directory is named by that digest.
+    Several processes may write shards of one set (`begin`, then `add`); one of them calls `finish`.
+    """
+
+    def __init__(self, directory: Path, inputs: str | None = None,
+                 manifest_records: Callable[[dict], Iterable[dict]] = lambda manifest: manifest["shards"]):
+        self.directory, self.inputs, self.manifest_records = Path(directory), inputs, manifest_records
+        self.partial = self.directory / PARTIAL
+
+    def records(self) -> dict[str, dict]:
+        """Records of the shards earlier runs wrote from the same inputs: the manifest's, then those since."""
+        records: dict[str, dict] = {}
+        manifest = self.directory / MANIFEST
+        if manifest.is_file():
+            old = json.loads(manifest.read_text())
+            if self.inputs is None or old.get(INPUTS) == self.inputs:
+                records.update({r["name"]: r for r in self.manifest_records(old)})
+        stamp = self.partial / INPUTS
+        if self.inputs is None or (stamp.is_file() and stamp.read_text() == self.inputs):
+            for path in sorted(self.partial.glob("*.json")):
+                record = json.loads(path.read_text())
+                records[record["name"]] = record
+        return records
+
+    def begin(self, keep: Iterable[dict]) -> None:
+        """Before shards are written: the set stops looking complete, keeping the records in `keep`."""
+        self.partial.mkdir(parents=True, exist_ok=True)
+        if self.inputs is not None:
+            write_bytes_atomic(self.partial / INPUTS, self.inputs.encode())
+        if (self.directory / MANIFEST).is_file():
+            for record in keep:
+                self.add(record)
+            (self.directory / MANIFEST).unlink(missing_ok=True)
+
+    def add(self, record: dict) -> None:
+        """Record a shard just written."""
+        write_json_atomic(self.partial / f"{record['name']}.json", record)
+
+    def clear_stale(self, keep: Container[str]) -> None:
+        """Remove shards, temp files and records not named in `keep`; only while no other process writes."""
+        for path in self.directory.glob("*.tar"):
+            if path.name not in keep:
+                path.unlink()
+        for path in self.directory.glob(".*.tmp"):
+            path.unlink()
+        for path in self.partial.glob("*.json"):
+            if path.stem not in keep:
+                path.unlink()
+
+    def finish(self, manifest: dict) -> None:
+        """Write the manifest, which lists every shard of the set, and remove what it does not list."""
+        self.clear_stale({s["name"] for s in manifest["shards"]})
+        write_json_atomic(self.directory / MANIFEST, manifest)
+        shutil.rmtree(self.partial, ignore_errors=True)
 
 
 def read_manifest(directory: Path) -> dict:

@@ -18,6 +18,7 @@ from litegpt.cli import main
 from litegpt.data.inspection import label_colour
 from litegpt.eval import predict
 from litegpt.model.export import save_export
+from litegpt.model.inputs import Visual
 from litegpt.model.model import Generation
 
 RADIOGRAPH = Path(get_testdata_file("RG1_UNCR.dcm", download=False))
@@ -74,8 +75,8 @@ def test_boxes_come_back_in_original_pixels_with_their_confidence(stage, tmp_pat
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     probs = [0.5 + i / (4 * len(ids)) for i in range(len(ids))]
 
-    def fake_generate(model, stage, task, keys, visual, features, decoding, chunk):
-        assert not features and set(visual[0]) == set(model.encoder_names)  # live encoder inputs
+    def fake_generate(model, stage, task, keys, visual, source, decoding, chunk):
+        assert source is Visual.LIVE and set(visual[0]) == set(model.encoder_names)  # live encoder inputs
         return [Generation(text, ids, tokenizer.convert_ids_to_tokens(ids), probs)]
 
     monkeypatch.setattr(predict, "generate", fake_generate)

@@ -14,7 +14,9 @@ Two families are reported side by side:
   (Hungarian assignment: the most matches, ties broken by total IoU), a match needs continuous IoU >= t,
   the convention of COCO's matcher, so box precision, recall and F1 agree with mAP's notion of a hit.
   mAP@0.4 is pycocotools' COCOeval (101-point interpolated AP per class, averaged over the classes that
-  have ground truth, area range 'all', no detection cap), the VinBigData detection metric.
+  have ground truth, area range 'all', no detection cap). This is not the VinBigData Kaggle metric, which
+  is PASCAL VOC 2010 all-point AP with a hit at IoU > 0.4; the two differ slightly, so the numbers do not
+  compare one to one with that leaderboard.
 
 Which record feeds what: `identify` records give local-label classification and localisation; `vqa`
 records give global-label classification; Finding / No finding (paper Table 1) comes from an image's
@@ -130,8 +132,7 @@ class Prediction:
 
 def write_predictions(path: Path, predictions: Iterable[Prediction]) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for p in predictions:
-            f.write(p.to_json() + "\n")
+        f.writelines(p.to_json() + "\n" for p in predictions)
 
 
 def read_predictions(path: Path) -> list[Prediction]:
@@ -357,31 +358,38 @@ def strict_boxes(images: Sequence[_ImageBoxes], thresholds: Sequence[float]) -> 
     }
 
 
+def _xywh(b: Box) -> list[float]:
+    return [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
+
+
+def _coco_annotations(images: Sequence[_ImageBoxes], cat: dict[str, int]) -> tuple[list[dict], list[dict]]:
+    """Ground-truth annotations and detections in COCO's json form; image ids count from 1."""
+    gt_anns, dets = [], []
+    for img_id, im in enumerate(images, 1):
+        for label, boxes in im.gt.items():
+            for b in boxes:
+                w = _xywh(b)
+                gt_anns.append({"id": len(gt_anns) + 1, "image_id": img_id, "category_id": cat[label],
+                                "bbox": w, "area": w[2] * w[3], "iscrowd": 0})
+        for label, boxes in im.pred.items():
+            for b, s in zip(boxes, im.scores[label]):
+                dets.append({"image_id": img_id, "category_id": cat[label], "bbox": _xywh(b), "score": s})
+    return gt_anns, dets
+
+
 def coco_map(images: Sequence[_ImageBoxes], iou: float = MAP_IOU) -> dict:
     """Per-class AP at one IoU threshold with pycocotools' COCOeval; mAP over classes with ground truth.
 
     Boxes go in as 0..100 xywh. COCO's matcher accepts IoU >= iou, greedily by descending score; the
     area range is 'all' and maxDets is set to the largest number of boxes in any image, so nothing is
-    cut. Annotation ids start at 1 because COCOeval reads a matched id of 0 as "unmatched".
+    cut. Annotation ids start at 1 because COCOeval reads a matched id of 0 as "unmatched". COCO's
+    101-point AP, not the VinBigData Kaggle metric (see the module doc).
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     cat = {label: i + 1 for i, label in enumerate(LOCAL_LABELS)}
-
-    def xywh(b: Box) -> list[float]:
-        return [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
-
-    gt_anns, dets = [], []
-    for img_id, im in enumerate(images, 1):
-        for label, boxes in im.gt.items():
-            for b in boxes:
-                w = xywh(b)
-                gt_anns.append({"id": len(gt_anns) + 1, "image_id": img_id, "category_id": cat[label],
-                                "bbox": w, "area": w[2] * w[3], "iscrowd": 0})
-        for label, boxes in im.pred.items():
-            for b, s in zip(boxes, im.scores[label]):
-                dets.append({"image_id": img_id, "category_id": cat[label], "bbox": xywh(b), "score": s})
+    gt_anns, dets = _coco_annotations(images, cat)
     present = sorted({a["category_id"] for a in gt_anns})
     if not present:
         return {"iou": iou, "map": None, "per_class": {}}

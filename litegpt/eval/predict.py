@@ -6,7 +6,7 @@ The file goes through prepare's conversion (`convert_dicom`; PNG/JPEG/TIFF/BMP b
 `convert_image_file`), longer side at most `--max-side` (1024, as prepare), then the live encoders and
 the same generation as `litegpt evaluate`. Boxes are given normalised (0..1, as the model says them) and
 in the ORIGINAL image's pixels (`box_px`, what a viewer needs to draw them on the DICOM), each with a
-confidence: the mean probability of the tokens that wrote it (evaluate's box_scores). JSON goes to
+confidence: the mean probability of the tokens that wrote it (`inference.box_scores`). JSON goes to
 stdout and nothing else does; the overlay (the converted image with the boxes) beside the input.
 """
 
@@ -22,10 +22,10 @@ from PIL import Image
 
 from litegpt.data.dicom import ConvertConfig, ConvertedImage, DicomError, convert_dicom, convert_image_file
 from litegpt.data.inspection import draw_boxes
-from litegpt.eval.evaluate import (
+from litegpt.eval.inference import (
     Decoding,
     EvalError,
-    Stage,
+    TrainedStage,
     add_generation_arguments,
     box_scores,
     decoding_from_args,
@@ -51,7 +51,7 @@ def convert(path: Path, max_side: int) -> ConvertedImage:
     return convert_dicom(path, ConvertConfig(max_side=max_side))
 
 
-def predict(model, stage: Stage, image: ConvertedImage, tasks: Sequence[str], decoding: Decoding) -> dict:
+def predict(model, stage: TrainedStage, image: ConvertedImage, tasks: Sequence[str], decoding: Decoding) -> dict:
     """The findings (label, box_norm, box_px, confidence), diagnoses, raw texts and unread fragments."""
     pixels = model.vision.preprocess(Image.fromarray(image.pixels))
     result: dict = {"findings": [], "diagnoses": [], "text": {}, "unparsed": []}

@@ -100,8 +100,8 @@ def _table3(metrics: dict) -> list[str]:
         f"{ref['gt_boxes']} ground-truth boxes, {strict['pred_boxes']} predicted boxes.",
         "",
         *_table(["Metrics", *(f"@{t} (%)" for t in ts)], rows),
-        f"mAP@{mean_ap['iou']:g} (COCOeval, classes with ground truth): {_pct(mean_ap['map'])}%; box confidences "
-        f"from `box_scores` in {scores} of {metrics['counts']['identify']} records (1.0 where absent).",
+        (f"mAP@{mean_ap['iou']:g} (COCOeval, classes with ground truth): {_pct(mean_ap['map'])}%; box confidences "
+         f"from `box_scores` in {scores} of {metrics['counts']['identify']} records (1.0 where absent)."),
         "",
     ]
 
@@ -197,10 +197,10 @@ def write_report(
         f"{counts['vqa']} `vqa`. Finding / No finding from: "
         + ", ".join(f"{n} `{task}`" for task, n in counts["finding_from"].items()) + ".",
         "",
-        "*reference*: the authors' evaluation (label = lower-cased name found as a substring, so \"mild\" "
-        "counts as ILD; Accuracy@t counts a ground-truth box as found when any predicted box of its class has "
-        "IoU > t, with no penalty for extra boxes). *strict*: whole-word labels from the grammar; boxes matched "
-        "one to one (IoU >= t); mAP from COCOeval. Numbers in %, CIDEr excepted.",
+        ("*reference*: the authors' evaluation (label = lower-cased name found as a substring, so \"mild\" "
+         "counts as ILD; Accuracy@t counts a ground-truth box as found when any predicted box of its class has "
+         "IoU > t, with no penalty for extra boxes). *strict*: whole-word labels from the grammar; boxes matched "
+         "one to one (IoU >= t); mAP from COCOeval. Numbers in %, CIDEr excepted."),
         "",
         *_table1(metrics),
         *_table2(metrics),

@@ -26,16 +26,17 @@ DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
-def command(recipe: Path, ranks: int, *overrides: str) -> list[str]:
+def command(recipe: Path, ranks: int, *overrides: str, flags: tuple[str, ...] = ()) -> list[str]:
     train = [str(REPO / "train.py"), "--config", str(recipe), "--deepspeed", str(REPO / "ds_configs/zero2.json")]
-    train += [a for o in overrides for a in ("--set", o)]
+    train += [a for o in overrides for a in ("--set", o)] + list(flags)
     if ranks == 1:
         return [sys.executable, *train]
     return [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), *train]
 
 
-def run(recipe: Path, ranks: int, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(command(recipe, ranks, *overrides), cwd=REPO, env=ENV, capture_output=True, text=True,
+def run(recipe: Path, ranks: int, *overrides: str, check: bool = True,
+        flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    done = subprocess.run(command(recipe, ranks, *overrides, flags=flags), cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=900)
     if check and done.returncode != 0:
         raise AssertionError(f"train.py failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
@@ -200,19 +201,14 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(recipes, two_rank_
     data["train"].update(epochs=2, max_nonfinite=2)
     recipe = recipes["root"] / "nonfinite.yaml"
     recipe.write_text(yaml.safe_dump(data))
-    ENV["LITEGPT_INJECT_NONFINITE"] = "2"
-    try:
-        run(recipe, 1)
-        rows = [json.loads(line) for line in (recipes["root"] / "runs/nonfinite/stage1/metrics.jsonl").open()]
-        assert rows[1]["loss"] != rows[1]["loss"] and rows[1]["skipped_microbatches"] > 0  # NaN, counted
-        assert rows[-1]["loss"] == rows[-1]["loss"]  # and training went on
-        ENV["LITEGPT_INJECT_NONFINITE"] = "2,3"
-        data["run"]["dir"] = str(recipes["root"] / "runs/nonfinite2")
-        recipe.write_text(yaml.safe_dump(data))
-        done = run(recipe, 1, check=False)
-        assert done.returncode == 3 and "2 optimizer steps in a row had a non-finite loss" in done.stderr
-    finally:
-        ENV.pop("LITEGPT_INJECT_NONFINITE")
+    run(recipe, 1, flags=("--inject-nonfinite", "2"))
+    rows = [json.loads(line) for line in (recipes["root"] / "runs/nonfinite/stage1/metrics.jsonl").open()]
+    assert rows[1]["loss"] != rows[1]["loss"] and rows[1]["skipped_microbatches"] > 0  # NaN, counted
+    assert rows[-1]["loss"] == rows[-1]["loss"]  # and training went on
+    data["run"]["dir"] = str(recipes["root"] / "runs/nonfinite2")
+    recipe.write_text(yaml.safe_dump(data))
+    done = run(recipe, 1, check=False, flags=("--inject-nonfinite", "2,3"))
+    assert done.returncode == 3 and "2 optimizer steps in a row had a non-finite loss" in done.stderr
 
 
 def test_resuming_with_another_world_size_is_refused(recipes, two_rank_run):

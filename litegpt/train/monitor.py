@@ -1,4 +1,5 @@
-"""What a run shows while it trains: TensorBoard scalars on rank 0 and a console progress bar.
+"""What a run shows while it trains: one record per optimizer step, written on rank 0 to the console
+(a progress bar), TensorBoard and `<stage>/metrics.jsonl`, so the three always agree.
 
 Throughput is counted in model FLOPs of LoRA training on a frozen base: per token, forward (2N) plus
 activation gradients (2N) through the frozen weights, plus weight gradients (2N) only for trainable
@@ -8,6 +9,8 @@ per image token. MFU divides by the device's peak dense bf16 rate (looked up, or
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,89 @@ def flop_model_of(model) -> FlopModel:
                      config.num_hidden_layers, config.hidden_size)
 
 
+@dataclass(frozen=True)
+class MicroStep:
+    """One micro-batch as the loop logs it: this rank's sizes; the loss and the flags agreed by all ranks."""
+
+    loss: float  # mean over ranks; NaN when the micro-batch was skipped
+    skipped: bool  # some rank had a non-finite loss: every rank stepped a zero gradient instead
+    stop_requested: bool  # some rank was asked to stop (preemption)
+    lr: float  # the rate its gradient is applied with
+    samples: int
+    tokens: int  # non-padding tokens
+    seq_len: int
+    image_tokens: int
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Running totals of what training left out or cut, since the stage began."""
+
+    skipped_microbatches: int
+    truncated_answers: int
+    dropped_samples: int
+    skipped_steps: int  # optimizer steps DeepSpeed skipped (gradient overflow)
+
+
+@dataclass(frozen=True)
+class Perf:
+    """Throughput and memory over the steps since the previous report (all ranks)."""
+
+    mean_loss: float
+    samples_per_s: float
+    tokens_per_s: float
+    tflops_per_device: float
+    data_share: float  # of the wall time spent waiting for batches
+    mfu: float | None  # None when the device's peak is unknown
+    peak_gib: float | None  # GPU memory allocated (on a GPU)
+    peak_rss_gib: float | None  # the process's resident memory (on CPU)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step; `perf` every `log.every` steps."""
+
+    step: int
+    epoch: int  # the epoch the step's micro-batches came from
+    loss: float  # mean over the step's finite micro-batches (all ranks); NaN when none was finite
+    lr: float  # the rate the step applied
+    grad_norm: float | None
+    counters: Counters
+    perf: Perf | None = None
+
+    def to_json(self) -> str:
+        """The metrics.jsonl line: flat, unset figures left out."""
+        row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("counters", "perf")}
+        row.update(dataclasses.asdict(self.counters))
+        if self.perf is not None:
+            row.update({k: v for k, v in dataclasses.asdict(self.perf).items() if v is not None})
+        return json.dumps(row)
+
+    def scalars(self) -> dict[str, float]:
+        """TensorBoard tag -> value: the step's loss, rate and norm; counters, perf and memory when reported."""
+        out = {"train/loss": self.loss, "train/lr": self.lr}
+        if self.grad_norm is not None:
+            out["train/grad_norm"] = self.grad_norm
+        if self.perf is not None:
+            perf = self.perf
+            out.update({"perf/samples_per_s": perf.samples_per_s, "perf/tokens_per_s": perf.tokens_per_s,
+                        "perf/tflops_per_device": perf.tflops_per_device, "perf/data_share": perf.data_share})
+            out.update({f"counters/{k}": v for k, v in dataclasses.asdict(self.counters).items()})
+            if perf.mfu is not None:
+                out["perf/mfu"] = perf.mfu
+            for name in ("peak_gib", "peak_rss_gib"):
+                if getattr(perf, name) is not None:
+                    out[f"mem/{name}"] = getattr(perf, name)
+        return out
+
+    def console(self) -> str:
+        """The progress bar's postfix at a report."""
+        perf = self.perf
+        mfu = f" mfu {perf.mfu:.1%}" if perf.mfu is not None else ""
+        return (f"loss {perf.mean_loss:.4f} lr {self.lr:.2e} {perf.samples_per_s:.1f} samples/s "
+                f"{perf.tflops_per_device:.2f} TFLOP/s{mfu} data {perf.data_share:.0%}")
+
+
 @dataclass
 class _Window:
     steps: int = 0
@@ -65,69 +151,70 @@ class _Window:
 
 
 class Monitor:
-    def __init__(self, log_dir: Path, is_main: bool, every: int, total_steps: int, start_step: int,
+    """Builds the step records on every rank; rank 0 writes them to `<stage_dir>/tensorboard`,
+    `<stage_dir>/metrics.jsonl` (appended: a resumed run's lines follow) and the console."""
+
+    def __init__(self, stage_dir: Path, is_main: bool, every: int, total_steps: int, start_step: int,
                  flop_model: FlopModel, peak_tflops: float | None, world_size: int):
         self.is_main, self.every, self.flop_model = is_main, every, flop_model
         self.peak, self.world_size = peak_tflops, world_size
         self.window = _Window()
-        self.writer = None
-        self.bar = None
+        self.writer = self.bar = self.jsonl = None
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir))
+            self.writer = SummaryWriter(str(Path(stage_dir) / "tensorboard"))
+            self.jsonl = open(Path(stage_dir) / "metrics.jsonl", "a")
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
 
-    def micro_batch(self, samples: int, tokens: int, seq_len: int, image_tokens: int, data_seconds: float) -> None:
-        """Account one micro-batch of this rank (tokens: non-padding tokens)."""
+    def micro_batch(self, micro: MicroStep, data_seconds: float) -> None:
+        """Account one micro-batch of this rank (the same sizes are assumed on every rank)."""
         w = self.window
-        w.samples += samples * self.world_size
-        w.tokens += tokens * self.world_size
-        w.flops += self.flop_model.step_flops(tokens, seq_len, image_tokens) * self.world_size
+        w.samples += micro.samples * self.world_size
+        w.tokens += micro.tokens * self.world_size
+        w.flops += self.flop_model.step_flops(micro.tokens, micro.seq_len, micro.image_tokens) * self.world_size
         w.data_seconds += data_seconds
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, counters: dict[str, int]) -> None:
-        """Called after each optimizer step with the mean loss over its micro-batches (all ranks)."""
+    def step(self, step: int, epoch: int, loss: float, lr: float, grad_norm: float | None,
+             counters: Counters) -> StepRecord:
+        """The record of an optimizer step that just ended, written out on rank 0."""
         w = self.window
         w.steps += 1
         w.loss += loss
-        if not self.is_main:
-            if step % self.every == 0:
-                self.window = _Window()
-            return
-        self.writer.add_scalar("train/loss", loss, step)
-        self.writer.add_scalar("train/lr", lr, step)
-        if grad_norm is not None:
-            self.writer.add_scalar("train/grad_norm", grad_norm, step)
-        self.bar.update(1)
-        if step % self.every:
-            return
+        perf = None
+        if step % self.every == 0:
+            perf = self._perf()
+            self.window = _Window()
+        record = StepRecord(step, epoch, loss, lr, grad_norm, counters, perf)
+        if self.is_main:
+            self._write(record)
+        return record
+
+    def _perf(self) -> Perf:
+        w = self.window
         seconds = max(time.perf_counter() - w.start, 1e-9)
         tflops = w.flops / seconds / 1e12 / self.world_size  # per device
-        scalars = {
-            "perf/samples_per_s": w.samples / seconds,
-            "perf/tokens_per_s": w.tokens / seconds,
-            "perf/tflops_per_device": tflops,
-            "perf/data_share": w.data_seconds / seconds,
-            **{f"counters/{k}": v for k, v in counters.items()},
-        }
-        if self.peak:
-            scalars["perf/mfu"] = tflops / self.peak
         if torch.cuda.is_available():
-            scalars["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            peak_gib, peak_rss_gib = torch.cuda.max_memory_allocated() / 2**30, None
         else:
             import resource
 
-            scalars["mem/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)
-        self.writer.flush()
-        mfu = f" mfu {scalars['perf/mfu']:.1%}" if "perf/mfu" in scalars else ""
-        self.bar.set_postfix_str(f"loss {w.loss / w.steps:.4f} lr {lr:.2e} {scalars['perf/samples_per_s']:.1f} "
-                                 f"samples/s {tflops:.2f} TFLOP/s{mfu} data {scalars['perf/data_share']:.0%}")
-        self.window = _Window()
+            peak_gib, peak_rss_gib = None, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return Perf(w.loss / w.steps, w.samples / seconds, w.tokens / seconds, tflops, w.data_seconds / seconds,
+                    tflops / self.peak if self.peak else None, peak_gib, peak_rss_gib)
+
+    def _write(self, record: StepRecord) -> None:
+        self.jsonl.write(record.to_json() + "\n")
+        self.jsonl.flush()
+        for tag, value in record.scalars().items():
+            self.writer.add_scalar(tag, value, record.step)
+        self.bar.update(1)
+        if record.perf is not None:
+            self.writer.flush()
+            self.bar.set_postfix_str(record.console())
 
     def close(self) -> None:
         if self.is_main:
             self.bar.close()
             self.writer.close()
+            self.jsonl.close()

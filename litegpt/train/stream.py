@@ -1,10 +1,13 @@
 """The training data stream: WebDataset shards -> batches of `TrainSample`, the same on every restart.
 
 Per epoch: the shard list is shuffled with (seed, epoch), dealt round-robin to ranks, then to loader
-workers; each worker cycles over its shards so that every rank yields exactly `batches_per_epoch`
+workers; each worker cycles over its shards so that every rank yields exactly `micro_batches_per_epoch`
 micro-batches (DeepSpeed hangs if one rank stops early; open_clip does the same); samples are shuffled in
 a buffer and grouped by answer length to cut padding. Everything random is seeded from (seed, epoch), so
 a resumed run skips the batches it had consumed and then sees exactly what an uninterrupted run would.
+
+Built from the recipe and the model config alone (tokenizer, image slots, encoders' preprocessing): no
+model is needed, and batches are collated in the loader workers.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ import torch
 import webdataset as wds
 
 from litegpt.data.shards import iter_json, read_manifest
-from litegpt.features import Decode
+from litegpt.features import Decode, visual_decoder
 from litegpt.grammar import render_answer, render_prompt
-from litegpt.model.inputs import TrainSample, Visual
+from litegpt.model.config import ModelConfig
+from litegpt.model.encoders import ImagePreprocessor, backbone_geometry
+from litegpt.model.inputs import InputBuilder, TrainSample, Visual
+from litegpt.model.model import load_tokenizer
+from litegpt.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,23 @@ class StreamSpec:
     shuffle_buffer: int
     length_group: int
     num_workers: int
+
+    @classmethod
+    def from_recipe(cls, cfg: TrainConfig, source_dir: Path) -> StreamSpec:
+        """The stage's split, read from `source_dir` (the shards, or their feature cache)."""
+        counts = eligible_counts(Path(cfg.data.shards), cfg.data.split, cfg.stage.findings_only)
+        return cls(urls=tuple(str(Path(source_dir) / name) for name, n in counts.items() if n > 0),
+                   n_samples=sum(counts.values()) * len(cfg.stage.tasks), tasks=cfg.stage.tasks,
+                   task_token=cfg.stage.task_token, findings_only=cfg.stage.findings_only, source=cfg.data.features,
+                   micro_batch=cfg.train.micro_batch, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                   length_group=cfg.data.length_group, num_workers=cfg.data.num_workers)
+
+
+def input_builder(model_cfg: ModelConfig) -> InputBuilder:
+    """The token assembly `LiteGPT` builds for itself, from the config and tokenizer alone."""
+    image_tokens = backbone_geometry(model_cfg.vision)[0] // model_cfg.merge.k
+    return InputBuilder(load_tokenizer(model_cfg.llm), image_tokens, model_cfg.llm.max_length,
+                        model_cfg.llm.max_answer_tokens)
 
 
 def eligible_counts(shards: Path, split: str, findings_only: bool) -> dict[str, int]:
@@ -60,10 +84,18 @@ class TrainStream:
                              f"with a smaller --samples-per-shard (at least one shard per rank is needed)")
         self.spec, self.rank, self.world_size, self.visual = spec, rank, world_size, visual
         self.collate = collate  # runs in the loader workers: tokenising is off the training process
-        self.batches_per_epoch = spec.n_samples // (world_size * spec.micro_batch)
-        if self.batches_per_epoch == 0:
+        self.micro_batches_per_epoch = spec.n_samples // (world_size * spec.micro_batch)  # this rank yields
+        if self.micro_batches_per_epoch == 0:
             raise ValueError(f"{spec.n_samples} samples give no full batch of {spec.micro_batch} on each of "
                              f"{world_size} ranks; lower train.micro_batch or add data")
+
+    @classmethod
+    def from_recipe(cls, cfg: TrainConfig, model_cfg: ModelConfig, source_dir: Path, rank: int,
+                    world_size: int) -> TrainStream:
+        """The stage's stream for one rank: spec from the recipe, batches from the model config's tokenizer."""
+        preprocess = ImagePreprocessor(model_cfg.vision) if cfg.data.features is Visual.LIVE else None
+        return cls(StreamSpec.from_recipe(cfg, source_dir), rank, world_size,
+                   visual_decoder(cfg.data.features, preprocess), input_builder(model_cfg).train_batch)
 
     def _samples(self, raw: dict) -> list[TrainSample]:
         meta = json.loads(raw["json"])
@@ -99,12 +131,13 @@ class TrainStream:
         return itertools.islice(iter(loader), skip, stop)
 
     def batches(self, epoch: int, skip: int = 0, per_epoch: int | None = None) -> Iterator[tuple[int, object]]:
-        """(epoch, batch) from batch `skip` of `epoch` on, epoch after epoch, without end.
+        """(epoch, batch) from batch `skip` of `epoch` on, epoch after epoch, without end; `per_epoch` takes
+        only the first so many of each epoch (the trainer uses whole optimizer steps).
 
         The next epoch's loader is started when an epoch begins, so its workers have forked and
         prefetched by the time it is needed (a fresh loader per epoch keeps every epoch's order exact).
         """
-        stop = self.batches_per_epoch if per_epoch is None else per_epoch
+        stop = self.micro_batches_per_epoch if per_epoch is None else per_epoch
         current = self._loader(epoch, skip, stop)
         while True:
             upcoming = self._loader(epoch + 1, 0, stop)

@@ -1,0 +1,140 @@
+"""From a recipe to a ready `Trainer`, in the order a stage needs: the checks that need no ranks, the
+ranks, the feature cache, the stream, the model and its DeepSpeed engine, the resumed state, the monitor.
+
+Importing this module stays light (no DeepSpeed, transformers or model code) so that a bad recipe is refused
+within a second; DeepSpeed is imported once `start_ranks` has chosen its accelerator (it reads
+DS_ACCELERATOR on import).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Collection
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from litegpt import distributed
+from litegpt.data.shards import read_manifest
+from litegpt.model.config import ModelConfig, load_model_config
+from litegpt.model.inputs import Visual
+from litegpt.train.checkpoint import Checkpointer
+from litegpt.train.config import TrainConfig, deepspeed_config, load_train_config
+from litegpt.train.monitor import Monitor, device_peak_tflops, flop_model_of
+from litegpt.train.optim import build_optimizer
+from litegpt.train.trainer import Preemption, Schedule, Trainer, TrainState
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A stage's validated configuration."""
+
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    deepspeed: dict  # the DeepSpeed config with batch sizes and precision derived from `cfg`
+    bf16: bool
+
+
+def load_recipe(config: Path, overrides: list[str], deepspeed_json: Path, world_size: int) -> Recipe:
+    """Everything that can be refused before ranks start (ConfigError, OSError, ValueError)."""
+    on_gpu = torch.cuda.is_available()
+    cfg = load_train_config(config, overrides)
+    model_cfg = load_model_config(cfg.model)
+    ds_base = json.loads(Path(deepspeed_json).read_text())
+    check_inputs(cfg)
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
+    return Recipe(cfg, model_cfg, deepspeed_config(ds_base, cfg, world_size, bf16), bf16)
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Stage prerequisites that can be checked before starting ranks."""
+    manifest = read_manifest(Path(cfg.data.shards))
+    if cfg.data.split not in manifest["splits"] or manifest["splits"][cfg.data.split]["samples"] == 0:
+        raise ValueError(f"{cfg.data.shards}: no samples in split {cfg.data.split!r}")
+    if cfg.stage.init_from and not (Path(cfg.stage.init_from) / "projector.safetensors").is_file():
+        raise ValueError(f"stage.init_from = {cfg.stage.init_from}: no export there; train the previous stage "
+                         "first (its export is written to <run.dir>/<stage>/export when it ends)")
+
+
+def start_ranks(dist_env: distributed.DistEnv) -> tuple[int, int]:
+    """torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU ranks. Returns (rank, world size)."""
+    distributed.export(dist_env)
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    import deepspeed
+
+    if not on_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoids a 45 s C++ build on CPU
+    else:
+        torch.cuda.set_device(dist_env.local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def ensure_feature_cache(shards: Path, model_cfg: ModelConfig, model_path: str, rank: int, world: int,
+                         device: str) -> Path:
+    """The cache for this model's encoders; when missing, every rank encodes a disjoint set of shards."""
+    from litegpt.features import FeatureCacheError, encode_shards, finalize, open_cache
+
+    try:
+        return open_cache(shards, model_cfg.vision, model_path).directory
+    except FeatureCacheError as exc:
+        if rank == 0:
+            print(f"building the feature cache ({exc.args[0].split('.')[0]})", flush=True)
+    names = [s["name"] for s in read_manifest(shards)["shards"]]
+    encode_shards(shards, model_cfg.vision, names[rank::world], device=device, progress=rank == 0)
+    dist.barrier()
+    if rank == 0:
+        finalize(shards, model_cfg.vision)
+    dist.barrier()
+    return open_cache(shards, model_cfg.vision, model_path).directory
+
+
+def build_trainer(recipe: Recipe, rank: int, world: int, *, resume: bool, preemption: Preemption | None = None,
+                  inject_nonfinite: Collection[int] = ()) -> Trainer:
+    """The stage's Trainer on started ranks; raises ConfigError or ResumeError for a stage that cannot run."""
+    import deepspeed
+
+    from litegpt.model.export import load_export
+    from litegpt.model.model import build_model, parameter_counts
+    from litegpt.train.stream import TrainStream
+
+    cfg, model_cfg = recipe.cfg, recipe.model_cfg
+    source_dir = Path(cfg.data.shards)
+    if cfg.data.features is Visual.CACHE:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        source_dir = ensure_feature_cache(source_dir, model_cfg, cfg.model, rank, world, device)
+    stream = TrainStream.from_recipe(cfg, model_cfg, source_dir, rank, world)
+    schedule = Schedule.plan(stream.micro_batches_per_epoch, cfg.train)
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = build_model(model_cfg, with_encoders=cfg.data.features is Visual.LIVE)
+    if cfg.stage.init_from:
+        load_export(model, Path(cfg.stage.init_from))
+    optimizer, scheduler = build_optimizer(model, cfg.optim, schedule.total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=recipe.deepspeed)
+    torch.manual_seed(cfg.run.seed + 1000 * rank)  # LoRA dropout differs across ranks, reproducibly
+
+    checkpointer = Checkpointer(cfg.stage_dir / "checkpoints", cfg.checkpoint.keep_last, rank, world)
+    state = TrainState()
+    restored = checkpointer.load(engine, cfg.digest()) if resume else None
+    if restored is not None:
+        state.load_state_dict(restored)
+    if rank == 0:
+        cfg.stage_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.stage_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        trainable, frozen = parameter_counts(model)
+        print(f"stage {cfg.stage.name}: {world} rank(s), {stream.micro_batches_per_epoch} micro-batches of "
+              f"{cfg.train.micro_batch} per rank per epoch, {schedule.total_steps} steps, trainable {trainable:,} / "
+              f"frozen {frozen:,} parameters, {'bf16' if recipe.bf16 else 'fp32'}, resuming at step {state.step}",
+              flush=True)
+    monitor = Monitor(cfg.stage_dir, rank == 0, cfg.log.every, schedule.total_steps, state.step, flop_model_of(model),
+                      device_peak_tflops(cfg.log.peak_tflops), world)
+    return Trainer(cfg, engine, stream, schedule, checkpointer, monitor, state, preemption, inject_nonfinite)

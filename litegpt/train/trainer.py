@@ -1,0 +1,221 @@
+"""The training loop of one stage: micro-batch after micro-batch until the last optimizer step.
+
+`Trainer.fit` is the loop, `Trainer.train_step` one micro-batch (forward, backward, the engine's step; all
+ranks agree whether it was finite and whether to stop), `TrainState` where the stage stands (the client
+state of every checkpoint). The engine is DeepSpeed's, or anything with the members used here: call,
+`backward`, `step`, `skipped_steps`, `get_global_grad_norm`, `lr_scheduler`, `device`, `module`, and what
+the `Checkpointer` calls. `litegpt.train.launch` builds a Trainer from a recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Collection, Iterable, Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+
+from litegpt.model.config import ConfigError
+from litegpt.model.inputs import Batch
+from litegpt.train.checkpoint import Checkpointer
+from litegpt.train.config import TrainConfig, TrainSection
+from litegpt.train.monitor import Counters, MicroStep, Monitor, StepRecord
+
+
+class ExitCode(IntEnum):
+    """How a stage ends, as train.py's exit status."""
+
+    DONE = 0
+    BAD_CONFIG = 2  # refused before the first step
+    NONFINITE = 3  # train.max_nonfinite non-finite steps in a row
+    PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, requeue me (the SLURM scripts do)
+
+
+@dataclass
+class TrainState:
+    """Where a stage stands; its `state_dict` is the checkpoint's client state, so a resume continues exactly."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` consumed (by each rank)
+    samples_seen: int = 0  # all ranks
+    skipped_microbatches: int = 0  # non-finite on some rank: a zero gradient instead
+    truncated_answers: int = 0  # this rank's
+    dropped_samples: int = 0  # this rank's
+
+    def state_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, int(state[f.name]))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many micro-batches make a step, an epoch and the stage."""
+
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def plan(cls, stream_micro_batches: int, train: TrainSection) -> Schedule:
+        """From the micro-batches the stream yields per rank and epoch (a partial step at the end is left out)."""
+        steps_per_epoch = stream_micro_batches // train.grad_accum
+        if steps_per_epoch == 0:
+            raise ConfigError(f"{stream_micro_batches} micro-batches per epoch are fewer than train.grad_accum "
+                              f"= {train.grad_accum}")
+        total = steps_per_epoch * train.epochs
+        return cls(train.grad_accum, steps_per_epoch, total if train.max_steps is None else min(total, train.max_steps))
+
+    @property
+    def trained_per_epoch(self) -> int:
+        """Micro-batches per epoch the steps consume (each rank)."""
+        return self.steps_per_epoch * self.grad_accum
+
+
+class Preemption:
+    """After `listen()`, SIGTERM / SIGUSR1 (SLURM's warning before the time limit or preemption) set
+    `requested`; the trainer checkpoints at the end of the optimizer step and exits with PREEMPTED."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def listen(self) -> Preemption:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+class MicroBatches(Protocol):
+    """What the trainer reads of `TrainStream`."""
+
+    def batches(self, epoch: int, skip: int = 0, per_epoch: int | None = None) -> Iterator[tuple[int, Batch]]: ...
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, engine, stream: MicroBatches, schedule: Schedule, checkpointer: Checkpointer,
+                 monitor: Monitor, state: TrainState | None = None, preemption: Preemption | None = None,
+                 inject_nonfinite: Collection[int] = ()):
+        """`inject_nonfinite`: optimizer steps (from 1) whose micro-batches count as non-finite (fault injection)."""
+        self.cfg, self.engine, self.stream, self.schedule = cfg, engine, stream, schedule
+        self.checkpointer, self.monitor = checkpointer, monitor
+        self.state = TrainState() if state is None else state
+        self.preemption = Preemption() if preemption is None else preemption
+        self.inject_nonfinite = frozenset(inject_nonfinite)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.nonfinite_in_a_row = 0
+        self._micro_losses: list[float] = []
+        self._skipped_before = engine.skipped_steps
+
+    def fit(self) -> ExitCode:
+        """Train to the last step; stop early with a checkpoint when asked to, or without one when too many
+        steps in a row were non-finite."""
+        state, schedule = self.state, self.schedule
+        batches = _timed(b for _, b in self.stream.batches(state.epoch, skip=state.batch_in_epoch,
+                                                            per_epoch=schedule.trained_per_epoch))
+        while state.step < schedule.total_steps:
+            batch, data_seconds = next(batches)
+            micro = self.train_step(batch)
+            self.monitor.micro_batch(micro, data_seconds)
+            if state.batch_in_epoch % schedule.grad_accum:
+                continue
+            self.end_step(micro.lr)
+            if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
+                self._say(f"train.py: {self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
+                          f"gradient norm (limit train.max_nonfinite); stopping. Lower optim.lr, check the data, or "
+                          f"resume from the last good checkpoint in {self.checkpointer.directory}", sys.stderr)
+                return ExitCode.NONFINITE
+            if micro.stop_requested:
+                self.save()
+                self._say(f"train.py: preemption signal: checkpoint written at step {state.step}; "
+                          f"exit {ExitCode.PREEMPTED.value} to be requeued")
+                return ExitCode.PREEMPTED
+            if state.step % self.cfg.checkpoint.save_every == 0 or state.step == schedule.total_steps:
+                self.save()
+        return ExitCode.DONE
+
+    def train_step(self, batch: Batch) -> MicroStep:
+        """Forward and backward of one micro-batch, then the engine's step (which updates the weights at the
+        end of an accumulation). One all-reduce: [any rank non-finite, loss sum, any rank asked to stop]."""
+        state, engine = self.state, self.engine
+        state.truncated_answers += batch.truncated
+        state.dropped_samples += len(batch.dropped)
+        batch = batch.to(engine.device)
+        loss = engine(batch).loss
+        bad = not torch.isfinite(loss).item() or state.step + 1 in self.inject_nonfinite
+        shared = torch.tensor([float(bad), 0.0 if bad else loss.item(), float(self.preemption.requested)],
+                              device=engine.device)  # NCCL reduces only device tensors
+        dist.all_reduce(shared)
+        bad, stop_requested = shared[0].item() > 0, shared[2].item() > 0
+        if bad:  # every rank skips together: a zero gradient keeps DeepSpeed's accumulation in step
+            state.skipped_microbatches += 1
+            loss = sum((p * 0).sum() for p in engine.module.parameters() if p.requires_grad)
+        lr = engine.lr_scheduler.get_last_lr()[0]  # the rate this step applies
+        engine.backward(loss)
+        engine.step()
+        mean_loss = math.nan if bad else shared[1].item() / self.world_size
+        self._micro_losses.append(mean_loss)
+        state.batch_in_epoch += 1
+        state.samples_seen += len(batch.keys) * self.world_size
+        return MicroStep(mean_loss, bad, stop_requested, lr, len(batch.keys), int(batch.attention_mask.sum()),
+                         batch.input_ids.shape[1], engine.module.image_tokens * len(batch.keys))
+
+    def end_step(self, lr: float) -> StepRecord:
+        """Close the optimizer step the last micro-batch completed: the epoch, the non-finite streak, the record."""
+        state = self.state
+        state.step += 1
+        epoch = state.epoch
+        if state.batch_in_epoch == self.schedule.trained_per_epoch:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        finite = [v for v in self._micro_losses if not math.isnan(v)]
+        self._micro_losses = []
+        overflowed, self._skipped_before = self.engine.skipped_steps > self._skipped_before, self.engine.skipped_steps
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if (not finite or overflowed) else 0
+        grad_norm = self.engine.get_global_grad_norm()
+        counters = Counters(state.skipped_microbatches, state.truncated_answers, state.dropped_samples,
+                            self.engine.skipped_steps)
+        return self.monitor.step(state.step, epoch, sum(finite) / len(finite) if finite else math.nan, lr,
+                                 None if grad_norm is None else float(grad_norm), counters)
+
+    def save(self) -> None:
+        """A checkpoint of this step (every rank calls it)."""
+        self.checkpointer.save(self.engine, {**self.state.state_dict(), "config_digest": self.cfg.digest()})
+
+    def export(self) -> None:
+        """The stage's export (adapter, projector, model config), written by rank 0 while the others wait."""
+        from litegpt.model.export import save_export
+
+        stage_dir = self.cfg.stage_dir
+        if self.rank == 0:
+            save_export(self.engine.module, stage_dir / "export", {
+                "stage": self.cfg.stage.name, "step": self.state.step, "tasks": list(self.cfg.stage.tasks),
+                "task_token": self.cfg.stage.task_token})
+            print(f"stage {self.cfg.stage.name} done: export in {stage_dir / 'export'}, TensorBoard: "
+                  f"tensorboard --logdir {stage_dir / 'tensorboard'} --host 127.0.0.1", flush=True)
+        dist.barrier()
+
+    def close(self) -> None:
+        self.monitor.close()
+
+    def _say(self, message: str, stream=None) -> None:
+        if self.rank == 0:
+            print(message, file=stream or sys.stdout, flush=True)
+
+
+def _timed(batches: Iterable[Batch]) -> Iterator[tuple[Batch, float]]:
+    """Each batch with the seconds the loop waited for it."""
+    start = time.perf_counter()
+    for batch in batches:
+        yield batch, time.perf_counter() - start
+        start = time.perf_counter()

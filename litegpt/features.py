@@ -36,7 +36,7 @@ from tqdm import tqdm
 from litegpt import __version__
 from litegpt.data.shards import MANIFEST, Sample, ShardSetWriter, iter_tar, read_manifest, write_shard
 from litegpt.model.config import VisionConfig, load_model_config
-from litegpt.model.encoders import VisualBackbone, kind_of, weights_digest
+from litegpt.model.encoders import VisualBackbone, loader_of, weights_digest
 from litegpt.model.inputs import Visual
 
 FORMAT = "litegpt-features/1"
@@ -49,7 +49,7 @@ class FeatureCacheError(ValueError):
 def fingerprint_inputs(vision: VisionConfig) -> dict:
     encoders = []
     for e in vision.encoders:
-        kind_of(e)
+        loader_of(e)  # an unknown kind is refused before anything is hashed
         encoders.append({"name": e.name, "kind": e.kind, "weights": weights_digest(e), "image_size": e.image_size,
                          "interpolation": e.interpolation, "mean": list(e.mean), "std": list(e.std),
                          "layer": e.layer, "drop_prefix_tokens": e.drop_prefix_tokens})

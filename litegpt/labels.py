@@ -37,7 +37,3 @@ def canonical_label(name: str) -> str:
         return _CANONICAL[key]
     except KeyError:
         raise UnknownLabel(f"unknown label {name!r}; expected one of {', '.join(ALL_LABELS)}") from None
-
-
-def is_local(label: str) -> bool:
-    return label in LOCAL_LABELS

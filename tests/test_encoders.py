@@ -11,7 +11,7 @@ from PIL import Image
 
 from litegpt.model.config import ConfigError, EncoderConfig, VisionConfig, load_model_config
 from litegpt.model.encoders import (
-    ENCODER_KINDS,
+    ENCODER_LOADERS,
     FrozenEncoder,
     ImagePreprocessor,
     Preprocess,
@@ -19,8 +19,8 @@ from litegpt.model.encoders import (
     backbone_geometry,
     build_raw_encoder,
     encoder_geometry,
-    save_encoder,
 )
+from litegpt.model.tiny import write_encoder
 
 
 def _image(h=70, w=90, seed=0) -> Image.Image:
@@ -114,7 +114,7 @@ def test_encoders_by_configuration_alone(tmp_path):
                            arch={"model_type": "vit", "image_size": 64, "patch_size": 32, "hidden_size": 32,
                                  "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64})
     for enc in (timm_enc, hf_enc):
-        save_encoder(enc, tmp_path / enc.name)
+        write_encoder(enc, tmp_path / enc.name)
     vision = VisionConfig(encoders=(timm_enc, hf_enc), dtype="float32")
     assert backbone_geometry(vision) == (16 + 4, 32)
     backbone = VisualBackbone(vision)
@@ -149,7 +149,7 @@ def test_wrong_image_size_is_a_config_error(tiny_config):
 def test_unknown_kind():
     with pytest.raises(ConfigError, match="unknown kind"):
         encoder_geometry(EncoderConfig(name="x", kind="nope"))
-    assert set(ENCODER_KINDS) == {"open_clip", "hf_clip", "timm", "hf"}
+    assert set(ENCODER_LOADERS) == {"open_clip", "hf_clip", "timm", "hf"}
 
 
 def test_frozen_and_in_eval_mode(tiny_model):

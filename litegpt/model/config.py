@@ -27,15 +27,32 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DTYPES = ("float32", "float16", "bfloat16")
 PACKAGED_CONFIGS = resources.files("litegpt.model").joinpath("configs")
+HUB_PREFIX = "hf-hub:"  # open_clip's spelling of a hub id
 
 
 class ConfigError(ValueError):
     """A model config that cannot describe a working model; the message says which key and why."""
 
 
+def local_source(source: str | None) -> Path | None:
+    """The local directory a `source` names (it may not exist yet), or None for no source or a hub repository.
+
+    An existing directory is local; otherwise a source is local if it starts with ".", "/" or "~" or has more
+    than one "/" (a hub id is `name` or `org/name`, for open_clip `hf-hub:org/name`).
+    """
+    if source is None:
+        return None
+    path = Path(source.removeprefix(HUB_PREFIX)).expanduser()
+    if path.is_dir():
+        return path
+    if source.startswith(HUB_PREFIX) or not (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        return None
+    return path
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
-    """One frozen image encoder. `kind` picks the loader (see `litegpt.model.encoders.ENCODER_KINDS`)."""
+    """One frozen image encoder. `kind` picks the loader (see `litegpt.model.encoders.ENCODER_LOADERS`)."""
 
     name: str
     kind: str

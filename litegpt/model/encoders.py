@@ -18,7 +18,8 @@ Kinds (the `kind` key of an encoder in a model config):
   `drop_prefix_tokens` must be given (e.g. 1 for ViT/CLIP, 0 for SigLIP).
 
 To add another encoder, add an entry to `vision.encoders` with one of these kinds; to add a new kind,
-add a `Kind` subclass to `ENCODER_KINDS`. Every encoder yields patch tokens [B, N, C] (prefix/CLS tokens
+add an `EncoderLoader` subclass to `ENCODER_LOADERS` (and, for the tiny preset, a writer to
+`litegpt.model.tiny.ENCODER_WRITERS`). Every encoder yields patch tokens [B, N, C] (prefix/CLS tokens
 dropped, or hidden state `layer` if set); the backbone concatenates them along the token axis, so all
 encoders must share C. Encoders are frozen: no gradients, always in eval mode, in `vision.dtype`.
 """
@@ -26,7 +27,6 @@ encoders must share C. Encoders are frozen: no gradients, always in eval mode, i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -36,13 +36,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from litegpt.model.config import ConfigError, EncoderConfig, VisionConfig, resolve_arch
+from litegpt.files import sha256_file
+from litegpt.model.config import HUB_PREFIX, ConfigError, EncoderConfig, VisionConfig, local_source, resolve_arch
 
 INTERPOLATIONS = {
     "bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX,
 }
-HUB_PREFIX = "hf-hub:"
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -75,20 +75,19 @@ def resolve_source(cfg: EncoderConfig) -> Path | None:
     """The local directory holding an encoder's files (a hub id is fetched into, or found in, the HF cache)."""
     if cfg.source is None:
         return None
-    source = cfg.source[len(HUB_PREFIX):] if cfg.source.startswith(HUB_PREFIX) else cfg.source
-    path = Path(source).expanduser()
-    if path.is_dir():
+    path = local_source(cfg.source)
+    if path is not None:
+        if not path.is_dir():
+            raise ConfigError(f"encoder {cfg.name}: source directory {cfg.source} does not exist "
+                              "(for a tiny preset, build it with `litegpt tiny-weights --config <model config>`)")
         return path
-    looks_local = cfg.source.startswith((".", "/", "~")) or source.count("/") != 1
-    if looks_local:
-        raise ConfigError(f"encoder {cfg.name}: source directory {cfg.source} does not exist "
-                          "(for a tiny preset, build it with `litegpt tiny-weights --config <model config>`)")
     from huggingface_hub import snapshot_download
 
+    repo = cfg.source.removeprefix(HUB_PREFIX)
     try:
-        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
     except Exception as exc:  # offline without a cached copy, unknown repo, ...
-        raise ConfigError(f"encoder {cfg.name}: cannot fetch {source!r} from the hub ({exc}); "
+        raise ConfigError(f"encoder {cfg.name}: cannot fetch {repo!r} from the hub ({exc}); "
                           "download it once with network access or point `source` at a local directory") from None
 
 
@@ -126,8 +125,8 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str, 
     module.load_state_dict({k: state[k] for k in expected}, strict=True)
 
 
-class Kind:
-    """How one family of encoders is built, loaded, saved, hashed and run."""
+class EncoderLoader:
+    """How one kind of encoder (a model family in its on-disk format) is built, loaded, hashed and run."""
 
     config_file: str = "config.json"
 
@@ -149,14 +148,11 @@ class Kind:
     def weight_files(self, directory: Path) -> list[Path]:
         raise NotImplementedError
 
-    def save(self, module: nn.Module, arch: dict, directory: Path) -> None:
-        raise NotImplementedError
-
     def tokens(self, module: nn.Module, pixels: torch.Tensor, cfg: EncoderConfig) -> torch.Tensor:
         raise NotImplementedError
 
 
-class TimmKind(Kind):
+class TimmLoader(EncoderLoader):
     """A timm model saved in timm's own format (`model.safetensors` / `pytorch_model.bin`)."""
 
     weights = ("model.safetensors", "pytorch_model.bin")
@@ -178,11 +174,6 @@ class TimmKind(Kind):
     def weight_files(self, directory: Path) -> list[Path]:
         return [_weights_in(directory, self.weights)]
 
-    def save(self, module: nn.Module, arch: dict, directory: Path) -> None:
-        from safetensors.torch import save_file
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(directory / self.weights[0]))
-
     def tokens(self, module: nn.Module, pixels: torch.Tensor, cfg: EncoderConfig) -> torch.Tensor:
         prefix = module.num_prefix_tokens
         if cfg.drop_prefix_tokens not in (None, prefix):
@@ -195,14 +186,19 @@ class TimmKind(Kind):
         return hidden
 
 
-class OpenClipKind(TimmKind):
+class OpenClipLoader(TimmLoader):
     """An open_clip timm image tower (BiomedCLIP); weights are the checkpoint's `visual.trunk.*`."""
 
     config_file = "open_clip_config.json"
     prefix = "visual.trunk."
+    # the weight files open_clip's `local-dir:` loading looks for, in its order of preference (open_clip has
+    # no public lookup that does not also build the text tower, which would fetch BiomedCLIP's text model)
+    weights = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+               "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
+               "model.pth")
 
     def architecture(self, cfg: EncoderConfig, directory: Path | None) -> dict:
-        return Kind.architecture(self, cfg, directory)
+        return EncoderLoader.architecture(self, cfg, directory)
 
     def build(self, arch: dict) -> nn.Module:
         import timm
@@ -212,16 +208,9 @@ class OpenClipKind(TimmKind):
         return timm.create_model(vision["timm_model_name"], pretrained=False, num_classes=0,
                                  **vision.get("timm_model_kwargs", {}))
 
-    def _checkpoint(self, directory: Path) -> Path:
-        from open_clip.factory import _find_checkpoint_in_dir
-        found = _find_checkpoint_in_dir(directory)
-        if found is None:
-            raise ConfigError(f"{directory}: no open_clip weights (open_clip_pytorch_model.bin / .safetensors)")
-        return Path(found)
-
     def load(self, module: nn.Module, directory: Path, cfg: EncoderConfig) -> None:
         from open_clip.factory import load_state_dict
-        path = self._checkpoint(directory)
+        path = _weights_in(directory, self.weights)
         state = load_state_dict(str(path))
         trunk = {k[len(self.prefix):]: v for k, v in state.items() if k.startswith(self.prefix)}
         if not trunk:
@@ -229,20 +218,10 @@ class OpenClipKind(TimmKind):
         _load_strict(module, trunk, f"encoder {cfg.name} ({path})")
 
     def weight_files(self, directory: Path) -> list[Path]:
-        return [directory / self.config_file, self._checkpoint(directory)]
-
-    def save(self, module: nn.Module, arch: dict, directory: Path) -> None:
-        """Write the open_clip local-dir format; a random projection head stands in for the unused head."""
-        directory.mkdir(parents=True, exist_ok=True)
-        model_cfg = arch.get("model_cfg", arch)
-        state = {self.prefix + k: v.contiguous() for k, v in module.state_dict().items()}
-        state["visual.head.proj.weight"] = torch.randn(model_cfg["embed_dim"], module.num_features) * 0.02
-        (directory / self.config_file).write_text(json.dumps(
-            {"model_cfg": model_cfg, "preprocess_cfg": arch.get("preprocess_cfg", {})}, indent=2))
-        torch.save(state, directory / "open_clip_pytorch_model.bin")
+        return [directory / self.config_file, _weights_in(directory, self.weights)]
 
 
-class HFKind(Kind):
+class HFLoader(EncoderLoader):
     """A transformers vision model loaded with AutoModel (its `vision_model` if it is a dual encoder)."""
 
     default_prefix: int | None = None
@@ -273,9 +252,6 @@ class HFKind(Kind):
         weights = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
         return [directory / self.config_file, *weights]
 
-    def save(self, module: nn.Module, arch: dict, directory: Path) -> None:
-        module.save_pretrained(str(directory))
-
     def tokens(self, module: nn.Module, pixels: torch.Tensor, cfg: EncoderConfig) -> torch.Tensor:
         prefix = self.default_prefix if cfg.drop_prefix_tokens is None else cfg.drop_prefix_tokens
         if prefix is None:
@@ -285,7 +261,7 @@ class HFKind(Kind):
         return hidden[:, prefix:]
 
 
-class HFClipKind(HFKind):
+class HFClipLoader(HFLoader):
     """The vision half of a transformers CLIPModel directory (or a CLIPVisionModel)."""
 
     default_prefix = 1
@@ -303,27 +279,17 @@ class HFClipKind(HFKind):
         from transformers import CLIPVisionModel
         return CLIPVisionModel.from_pretrained(str(directory), attn_implementation="sdpa")
 
-    def save(self, module: nn.Module, arch: dict, directory: Path) -> None:
-        """Write a whole CLIPModel directory (tiny text tower, seeded), as PubMedCLIP ships."""
-        from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
-        vision = module.config
-        text = CLIPTextConfig(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
-                              num_hidden_layers=1, num_attention_heads=vision.num_attention_heads,
-                              vocab_size=128, max_position_embeddings=16, projection_dim=vision.projection_dim,
-                              bos_token_id=0, eos_token_id=1, pad_token_id=1)
-        full = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
-        full.vision_model.load_state_dict(module.state_dict())
-        full.save_pretrained(str(directory))
+
+ENCODER_LOADERS: dict[str, EncoderLoader] = {"open_clip": OpenClipLoader(), "hf_clip": HFClipLoader(),
+                                              "timm": TimmLoader(), "hf": HFLoader()}
 
 
-ENCODER_KINDS: dict[str, Kind] = {"open_clip": OpenClipKind(), "hf_clip": HFClipKind(), "timm": TimmKind(), "hf": HFKind()}
-
-
-def kind_of(cfg: EncoderConfig) -> Kind:
+def loader_of(cfg: EncoderConfig) -> EncoderLoader:
+    """The loader of an encoder's `kind`."""
     try:
-        return ENCODER_KINDS[cfg.kind]
+        return ENCODER_LOADERS[cfg.kind]
     except KeyError:
-        raise ConfigError(f"encoder {cfg.name}: unknown kind {cfg.kind!r}; known: {', '.join(ENCODER_KINDS)}") from None
+        raise ConfigError(f"encoder {cfg.name}: unknown kind {cfg.kind!r}; known: {', '.join(ENCODER_LOADERS)}") from None
 
 
 def build_raw_encoder(cfg: EncoderConfig, load_weights: bool = True) -> tuple[nn.Module, dict]:
@@ -331,24 +297,22 @@ def build_raw_encoder(cfg: EncoderConfig, load_weights: bool = True) -> tuple[nn
 
     Built on the current default device: under `torch.device("meta")` nothing is allocated or loaded.
     """
-    kind = kind_of(cfg)
+    loader = loader_of(cfg)
     directory = resolve_source(cfg) if load_weights else None
-    arch = kind.architecture(cfg, directory if directory is not None else _local_dir_if_any(cfg))
+    arch = loader.architecture(cfg, directory if directory is not None else _local_dir_if_any(cfg))
     meta = torch.empty(0).device.type == "meta"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        module = kind.build(arch)
+        module = loader.build(arch)
     if directory is not None and not meta:
-        kind.load(module, directory, cfg)
+        loader.load(module, directory, cfg)
     return module, arch
 
 
 def _local_dir_if_any(cfg: EncoderConfig) -> Path | None:
     """A local source directory, for reading the architecture only (never fetches)."""
-    if cfg.source is None:
-        return None
-    path = Path(cfg.source.removeprefix(HUB_PREFIX)).expanduser()
-    return path if path.is_dir() else None
+    path = local_source(cfg.source)
+    return path if path is not None and path.is_dir() else None
 
 
 class FrozenEncoder(nn.Module):
@@ -366,7 +330,7 @@ class FrozenEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return kind_of(self.cfg).tokens(self.model, pixels, self.cfg)
+            return loader_of(self.cfg).tokens(self.model, pixels, self.cfg)
 
 
 _GEOMETRY: dict[str, tuple[int, int]] = {}
@@ -441,35 +405,20 @@ class VisualBackbone(nn.Module):
 _DIGESTS: dict[tuple, str] = {}
 
 
-def _sha256_file(path: Path) -> str:
+def _weights_sha256(path: Path) -> str:
+    """sha256 of a weight file, once per (file, size, mtime): features and training both ask for it."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-        _DIGESTS[key] = digest.hexdigest()
+        _DIGESTS[key] = sha256_file(path)
     return _DIGESTS[key]
 
 
 def weights_digest(cfg: EncoderConfig) -> dict:
     """What identifies an encoder's weights: sha256 of its files, or (arch, seed) for a random init."""
-    kind = kind_of(cfg)
+    loader = loader_of(cfg)
     directory = resolve_source(cfg)
     if directory is None:
-        arch = kind.architecture(cfg, None)
+        arch = loader.architecture(cfg, None)
         return {"random_init": {"arch": arch, "seed": cfg.seed, "torch": torch.__version__}}
-    return {os.path.basename(p): _sha256_file(p) for p in kind.weight_files(directory)}
-
-
-def save_encoder(cfg: EncoderConfig, directory: Path) -> None:
-    """Build the encoder from its `arch` with seed `cfg.seed` and save it in its kind's on-disk format."""
-    kind = kind_of(cfg)
-    arch = resolve_arch(cfg.arch, f"encoder {cfg.name}")
-    if arch is None:
-        raise ConfigError(f"encoder {cfg.name}: no `arch` to build weights from")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        module = kind.build(arch)
-    kind.save(module, arch, Path(directory))
+    return {os.path.basename(p): _weights_sha256(p) for p in loader.weight_files(directory)}

@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from litegpt import __version__
+from litegpt.files import atomic_directory
 
 ADAPTER, VISUAL, CONFIG, INFO = "adapter", "projector.safetensors", "model.yaml", "export.json"
 
@@ -27,18 +28,11 @@ def _visual_state(model) -> dict[str, torch.Tensor]:
 
 def save_export(model, out: Path, info: dict) -> None:
     """Write the export (rank 0 only; ZeRO-2 keeps full weights on every rank)."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.llm.save_pretrained(tmp / ADAPTER)
-    save_file(_visual_state(model), tmp / VISUAL)
-    (tmp / CONFIG).write_text(yaml.safe_dump(model.cfg.to_dict(), sort_keys=False))
-    (tmp / INFO).write_text(json.dumps({**info, "litegpt_version": __version__}, indent=1))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        model.llm.save_pretrained(tmp / ADAPTER)
+        save_file(_visual_state(model), tmp / VISUAL)
+        (tmp / CONFIG).write_text(yaml.safe_dump(model.cfg.to_dict(), sort_keys=False))
+        (tmp / INFO).write_text(json.dumps({**info, "litegpt_version": __version__}, indent=1))
 
 
 def load_export(model, directory: Path) -> dict:

@@ -12,13 +12,12 @@ import importlib.util
 import logging
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from litegpt.model.config import ConfigError, LLMConfig, LoraSettings, ModelConfig, resolve_arch
+from litegpt.model.config import ConfigError, LLMConfig, LoraSettings, ModelConfig, local_source, resolve_arch
 from litegpt.model.encoders import VisualBackbone, backbone_geometry, torch_dtype
 from litegpt.model.inputs import Batch, InputBuilder, Visual
 
@@ -177,7 +176,9 @@ def choose_attention(requested: str) -> str:
 
 
 def _check_local(source: str, what: str) -> None:
-    if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
+    """A local `source` must exist (a hub id is left to transformers)."""
+    path = local_source(source)
+    if path is not None and not path.exists():
         raise ConfigError(f"{what} {source} does not exist (for a tiny preset, build it with "
                           "`litegpt tiny-weights --config <model config>`)")
 

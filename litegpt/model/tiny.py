@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
-from litegpt.model.config import ConfigError, ModelConfig, load_model_config, resolve_arch
-from litegpt.model.encoders import save_encoder
+from litegpt.files import atomic_directory
+from litegpt.model.config import ConfigError, EncoderConfig, ModelConfig, load_model_config, local_source, resolve_arch
+from litegpt.model.encoders import OpenClipLoader, TimmLoader, loader_of
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 BYTE_TOKENS = tuple(f"<0x{i:02X}>" for i in range(256))
@@ -76,21 +77,54 @@ def build_tokenizer(vocab_size: int):
                                    padding_side="right", clean_up_tokenization_spaces=False)
 
 
-def _write_atomic(directory: Path, write) -> None:
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _save_timm(module: nn.Module, arch: dict, directory: Path) -> None:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(directory / TimmLoader.weights[0]))
 
 
-def _local(source: str | None) -> Path | None:
-    if source is None or source.startswith("hf-hub:") or not source.startswith((".", "/", "~")):
-        return None
-    return Path(source).expanduser()
+def _save_open_clip(module: nn.Module, arch: dict, directory: Path) -> None:
+    """The open_clip local-dir format; a random projection head stands in for the unused head."""
+    model_cfg = arch.get("model_cfg", arch)
+    state = {OpenClipLoader.prefix + k: v.contiguous() for k, v in module.state_dict().items()}
+    state["visual.head.proj.weight"] = torch.randn(model_cfg["embed_dim"], module.num_features) * 0.02
+    (directory / OpenClipLoader.config_file).write_text(json.dumps(
+        {"model_cfg": model_cfg, "preprocess_cfg": arch.get("preprocess_cfg", {})}, indent=2))
+    torch.save(state, directory / "open_clip_pytorch_model.bin")
+
+
+def _save_hf(module: nn.Module, arch: dict, directory: Path) -> None:
+    module.save_pretrained(str(directory))
+
+
+def _save_hf_clip(module: nn.Module, arch: dict, directory: Path) -> None:
+    """A whole CLIPModel directory (tiny text tower, seeded), as PubMedCLIP ships."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+    vision = module.config
+    text = CLIPTextConfig(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+                          num_hidden_layers=1, num_attention_heads=vision.num_attention_heads,
+                          vocab_size=128, max_position_embeddings=16, projection_dim=vision.projection_dim,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    full = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
+    full.vision_model.load_state_dict(module.state_dict())
+    full.save_pretrained(str(directory))
+
+
+# per encoder kind: (module, arch, directory) -> the files its loader (`encoders.ENCODER_LOADERS`) reads
+ENCODER_WRITERS: dict[str, Callable[[nn.Module, dict, Path], None]] = {
+    "open_clip": _save_open_clip, "hf_clip": _save_hf_clip, "timm": _save_timm, "hf": _save_hf}
+
+
+def write_encoder(cfg: EncoderConfig, directory: Path) -> None:
+    """Build the encoder from its `arch` with seed `cfg.seed` and save it in its kind's on-disk format."""
+    loader = loader_of(cfg)
+    arch = resolve_arch(cfg.arch, f"encoder {cfg.name}")
+    if arch is None:
+        raise ConfigError(f"encoder {cfg.name}: no `arch` to build weights from")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        module = loader.build(arch)
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    ENCODER_WRITERS[cfg.kind](module, arch, Path(directory))
 
 
 def write_llm(cfg: ModelConfig, directory: Path) -> None:
@@ -109,15 +143,15 @@ def write_llm(cfg: ModelConfig, directory: Path) -> None:
 def build_weights(cfg: ModelConfig, force: bool = False) -> list[Path]:
     """Write every buildable part (local `source` + `arch`); returns the directories written."""
     written = []
-    parts = [(_local(e.source), e.arch, lambda d, e=e: save_encoder(e, d)) for e in cfg.vision.encoders]
-    parts.append((_local(cfg.llm.source), cfg.llm.arch, lambda d: write_llm(cfg, d)))
+    parts = [(local_source(e.source), e.arch, lambda d, e=e: write_encoder(e, d)) for e in cfg.vision.encoders]
+    parts.append((local_source(cfg.llm.source), cfg.llm.arch, lambda d: write_llm(cfg, d)))
     if cfg.llm.tokenizer is not None and cfg.llm.tokenizer != cfg.llm.source:
         raise ConfigError("llm.tokenizer: tiny weights keep the tokenizer with the LLM; leave it unset")
     for directory, arch, write in parts:
         if directory is None or arch is None or (directory.exists() and not force):
             continue
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory, write)
+        with atomic_directory(directory) as tmp:
+            write(tmp)
         written.append(directory)
     return written
 

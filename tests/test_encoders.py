@@ -174,3 +174,14 @@ def test_layer_selection(tiny_config):
         expected = module.blocks[0](x)[:, 1:]
     got = FrozenEncoder(dataclasses.replace(enc, layer=0), module)(pixels)
     torch.testing.assert_close(got, expected)
+
+
+def test_tiny_encoder_files_are_reproducible(tiny_config, tmp_path):
+    """Same config, same bytes: the feature cache fingerprint hashes these files."""
+    for enc in tiny_config.vision.encoders:
+        written = []
+        for attempt in ("a", "b"):
+            torch.randn(3)  # the global generator moves between the two writes
+            write_encoder(enc, tmp_path / attempt / enc.name)
+            written.append({p.name: p.read_bytes() for p in sorted((tmp_path / attempt / enc.name).iterdir())})
+        assert written[0] == written[1] and written[0]

@@ -120,11 +120,11 @@ def write_encoder(cfg: EncoderConfig, directory: Path) -> None:
     arch = resolve_arch(cfg.arch, f"encoder {cfg.name}")
     if arch is None:
         raise ConfigError(f"encoder {cfg.name}: no `arch` to build weights from")
-    with torch.random.fork_rng(devices=[]):
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):  # the unused parts the writers add (heads, text towers) too
         torch.manual_seed(cfg.seed)
         module = loader.build(arch)
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    ENCODER_WRITERS[cfg.kind](module, arch, Path(directory))
+        ENCODER_WRITERS[cfg.kind](module, arch, Path(directory))
 
 
 def write_llm(cfg: ModelConfig, directory: Path) -> None:

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Collection, Iterable, Iterator, Protocol
+from typing import Collection, Iterable, Iterator, Protocol, TextIO
 
 import torch
 import torch.distributed as dist
@@ -104,6 +104,8 @@ class MicroBatches(Protocol):
 
 
 class Trainer:
+    """One stage's training on started ranks: every rank runs the same loop in step."""
+
     def __init__(self, cfg: TrainConfig, engine, stream: MicroBatches, schedule: Schedule, checkpointer: Checkpointer,
                  monitor: Monitor, state: TrainState | None = None, preemption: Preemption | None = None,
                  inject_nonfinite: Collection[int] = ()):
@@ -208,7 +210,7 @@ class Trainer:
     def close(self) -> None:
         self.monitor.close()
 
-    def _say(self, message: str, stream=None) -> None:
+    def _say(self, message: str, stream: TextIO | None = None) -> None:
         if self.rank == 0:
             print(message, file=stream or sys.stdout, flush=True)
 

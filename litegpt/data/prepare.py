@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import sys
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -86,14 +87,6 @@ class Result:
 
 # ---------------------------------------------------------------- worker side
 
-_worker_cfg: PrepareConfig | None = None
-
-
-def _init_worker(cfg: PrepareConfig) -> None:
-    global _worker_cfg
-    _worker_cfg = cfg
-
-
 def convert_image(job: ImageJob, cfg: PrepareConfig) -> Result:
     """Decode and convert one DICOM and normalise its boxes; never raises for a bad file."""
     try:
@@ -126,11 +119,6 @@ def convert_image(job: ImageJob, cfg: PrepareConfig) -> Result:
     members = {"png": png_bytes(image.pixels, cfg.png_compress_level),
                "json": json.dumps(meta, sort_keys=True).encode()}
     return Result(job.image_id, Sample(job.image_id, members), None)
-
-
-def _convert_in_worker(job: ImageJob) -> Result:
-    assert _worker_cfg is not None
-    return convert_image(job, _worker_cfg)
 
 
 # ---------------------------------------------------------------- main side
@@ -173,13 +161,20 @@ def _manifest_records(manifest: dict) -> list[dict]:
 
 
 def _results(jobs: list[ImageJob], cfg: PrepareConfig) -> Iterator[Result]:
+    """Each job's result, in order; with several workers, converted in worker processes."""
     if cfg.workers <= 1:
-        for job in jobs:
-            yield convert_image(job, cfg)
+        yield from (convert_image(job, cfg) for job in jobs)
         return
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,)) as pool:
-        yield from pool.imap(_convert_in_worker, jobs, chunksize=1)
+    # not multiprocessing.Pool: its terminate() can hang while a worker is sending a large result
+    with ProcessPoolExecutor(cfg.workers, mp_context=ctx) as pool:
+        futures = [pool.submit(convert_image, job, cfg) for job in jobs]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:  # stopped early (--max-bad, Ctrl-C): conversions not yet started are dropped
+            for future in futures:
+                future.cancel()
 
 
 def prepare(cfg: PrepareConfig) -> dict:

@@ -3,7 +3,7 @@
     deepspeed train.py --deepspeed ds_configs/zero2.json --config configs/stage1.yaml [--resume auto]
     torchrun --nproc-per-node 4 train.py ...      srun python train.py ...      python train.py ...
 
-The recipe is validated before ranks start and before DeepSpeed or any model code is loaded; then the
+The recipe is validated before ranks start and before torch, DeepSpeed or any model code is loaded; then the
 stage is built (litegpt.train.launch) and trained (litegpt.train.trainer.Trainer.fit). Exit codes: 0 done,
 2 bad configuration, 3 too many non-finite steps in a row, 75 "preempted, checkpoint written: requeue me"
 (the SLURM scripts do).
@@ -35,10 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from litegpt import distributed
+    from litegpt.distributed import ExitCode, Preemption
     from litegpt.model.config import ConfigError
-    from litegpt.train.checkpoint import ResumeError
-    from litegpt.train.launch import build_trainer, load_recipe, start_ranks
-    from litegpt.train.trainer import ExitCode, Preemption
+    from litegpt.train.config import load_recipe
 
     preemption = Preemption().listen()
     dist_env = distributed.detect(local_rank_arg=args.local_rank)
@@ -46,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.config, args.set, args.deepspeed, dist_env.world_size)
     except (ConfigError, OSError, json.JSONDecodeError, ValueError) as exc:
         return refuse(exc)
+
+    from litegpt.train.checkpoint import ResumeError
+    from litegpt.train.launch import build_trainer, start_ranks
+
     rank, world = start_ranks(dist_env)
     distributed.setup_logging(rank)
     try:
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def refuse(exc: Exception) -> int:
-    from litegpt.train.trainer import ExitCode
+    from litegpt.distributed import ExitCode
 
     print(f"train.py: {exc}", file=sys.stderr)
     return ExitCode.BAD_CONFIG

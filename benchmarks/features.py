@@ -29,9 +29,9 @@ from litegpt import grammar
 from litegpt.data.shards import MANIFEST, Sample, iter_tar, shard_name, write_shard
 from litegpt.features import build_cache, open_cache
 from litegpt.files import write_json_atomic
-from litegpt.model.config import load_model_config
+from litegpt.model.config import Visual, load_model_config
 from litegpt.model.encoders import VisualBackbone
-from litegpt.model.inputs import TrainSample, Visual
+from litegpt.model.inputs import TrainSample
 from litegpt.model.model import build_model
 from litegpt.model.tiny import build_weights
 

@@ -27,23 +27,18 @@ import torch
 from PIL import Image
 
 from litegpt.grammar import render_prompt
-from litegpt.model.config import ModelConfig, load_model_config
-from litegpt.model.inputs import Visual
+from litegpt.model.config import ModelConfig, Visual, load_model_config, local_source
 from litegpt.model.model import build_model
 from litegpt.model.tiny import build_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _is_local(source: str | None) -> bool:
-    return source is not None and source.startswith((".", "/", "~"))
-
-
 def with_random_local_weights(cfg: ModelConfig, directory: Path) -> ModelConfig:
     """The config with its local-path parts redirected into `directory` and written there with random weights."""
-    encoders = tuple(dataclasses.replace(e, source=str(directory / e.name)) if _is_local(e.source) else e
+    encoders = tuple(dataclasses.replace(e, source=str(directory / e.name)) if local_source(e.source) else e
                      for e in cfg.vision.encoders)
-    llm = dataclasses.replace(cfg.llm, source=str(directory / "llm")) if _is_local(cfg.llm.source) else cfg.llm
+    llm = dataclasses.replace(cfg.llm, source=str(directory / "llm")) if local_source(cfg.llm.source) else cfg.llm
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, encoders=encoders), llm=llm)
     build_weights(cfg)
     return cfg

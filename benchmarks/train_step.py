@@ -66,7 +66,8 @@ def bare_loop(cfg, shards: Path, micro: int, warmup: int, steps: int, bf16: bool
     """The same model, data and optimizer, without the harness."""
     from litegpt.features import open_cache
     from litegpt.grammar import render_answer, render_prompt
-    from litegpt.model.inputs import TrainSample, Visual
+    from litegpt.model.config import Visual
+    from litegpt.model.inputs import TrainSample
     from litegpt.model.model import build_model
     from litegpt.train.monitor import flop_model_of
 

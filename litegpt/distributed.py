@@ -1,4 +1,5 @@
-"""Where this process sits in the job: the one place that reads launcher environments.
+"""Where this process sits in the job: the one place that reads launcher environments, and what the job
+scheduler sees of it (preemption signals in, exit codes out).
 
 `deepspeed`, `torchrun` and `srun` each describe the job differently; this module maps all of them to
 RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (what torch.distributed and DeepSpeed read),
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from enum import IntEnum
 
 
 @dataclass(frozen=True)
@@ -85,3 +88,28 @@ def setup_logging(rank: int | None = None) -> None:
     handler.litegpt = True
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+class ExitCode(IntEnum):
+    """How a stage ends, as train.py's exit status."""
+
+    DONE = 0
+    BAD_CONFIG = 2  # refused before the first step
+    NONFINITE = 3  # train.max_nonfinite non-finite steps in a row
+    PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, requeue me (the SLURM scripts do)
+
+
+class Preemption:
+    """After `listen()`, SIGTERM / SIGUSR1 (SLURM's warning before the time limit or preemption) set
+    `requested`; the trainer checkpoints at the end of the optimizer step and exits with PREEMPTED."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def listen(self) -> Preemption:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True

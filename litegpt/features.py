@@ -35,9 +35,8 @@ from tqdm import tqdm
 
 from litegpt import __version__
 from litegpt.data.shards import MANIFEST, Sample, ShardSetWriter, iter_tar, read_manifest, write_shard
-from litegpt.model.config import VisionConfig, load_model_config
+from litegpt.model.config import VisionConfig, Visual, load_model_config
 from litegpt.model.encoders import VisualBackbone, loader_of, weights_digest
-from litegpt.model.inputs import Visual
 
 FORMAT = "litegpt-features/1"
 

@@ -24,7 +24,8 @@ from litegpt.features import (
     fingerprint_inputs,
     open_cache,
 )
-from litegpt.model.inputs import TrainSample, Visual
+from litegpt.model.config import Visual
+from litegpt.model.inputs import TrainSample
 
 
 def _members(path):

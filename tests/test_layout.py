@@ -111,3 +111,14 @@ def test_cli_runs_as_a_script():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--out" in result.stdout
+
+
+def test_a_recipe_is_validated_before_torch_is_imported():
+    """train.py refuses a bad recipe before importing torch (a second, not the ~10 s of torch + DeepSpeed)."""
+    code = ("import sys; from litegpt.train.config import load_recipe; from litegpt.model.config import ConfigError\n"
+            "try: load_recipe('configs/tiny/stage1.yaml', ['train.micro_batch=0'], 'ds_configs/zero2.json', 1)\n"
+            "except ConfigError as exc: print('refused:', exc)\n"
+            "print('torch imported:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=120)
+    assert "refused:" in result.stdout and "micro_batch" in result.stdout, result.stdout + result.stderr
+    assert "torch imported: False" in result.stdout

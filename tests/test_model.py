@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import yaml
 
 from litegpt import grammar
-from litegpt.model.config import ConfigError, load_model_config
-from litegpt.model.inputs import IGNORE_INDEX, InputBuilder, TrainSample, Visual
+from litegpt.model.config import ConfigError, Visual, load_model_config
+from litegpt.model.inputs import IGNORE_INDEX, InputBuilder, TrainSample
 from litegpt.model.model import TokenMerge, build_llm, choose_attention
 from litegpt.model.summary import meta_model, summary_lines
 

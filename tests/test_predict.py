@@ -17,8 +17,8 @@ from pydicom.data import get_testdata_file
 from litegpt.cli import main
 from litegpt.data.inspection import label_colour
 from litegpt.eval import predict
+from litegpt.model.config import Visual
 from litegpt.model.export import save_export
-from litegpt.model.inputs import Visual
 from litegpt.model.model import Generation
 
 RADIOGRAPH = Path(get_testdata_file("RG1_UNCR.dcm", download=False))

@@ -15,13 +15,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from litegpt.distributed import free_port
-from litegpt.model.config import ConfigError
-from litegpt.model.inputs import IGNORE_INDEX, Batch, Visual
+from litegpt.distributed import ExitCode, Preemption, free_port
+from litegpt.model.config import ConfigError, Visual
+from litegpt.model.inputs import IGNORE_INDEX, Batch
 from litegpt.train.checkpoint import Checkpointer
 from litegpt.train.config import CheckpointSection, LogSection, RunSection, TrainConfig, TrainSection
 from litegpt.train.monitor import FlopModel, Monitor
-from litegpt.train.trainer import ExitCode, Preemption, Schedule, Trainer, TrainState
+from litegpt.train.trainer import Schedule, Trainer, TrainState
 
 VOCAB, WIDTH, LR = 13, 8, 0.5
 STREAM_LEN = 5  # micro-batches the stream yields per epoch; with grad_accum 2 the fifth is left out

@@ -57,9 +57,8 @@ from litegpt.eval.metrics import Prediction, compute_metrics, read_predictions, 
 from litegpt.eval.report import OVERLAYS, scalars
 from litegpt.features import FeatureCacheError, open_cache, visual_decoder
 from litegpt.grammar import TASKS, render_answer
-from litegpt.model.config import ConfigError
+from litegpt.model.config import ConfigError, Visual
 from litegpt.model.export import CONFIG
-from litegpt.model.inputs import Visual
 
 TENSORBOARD_OVERLAYS = 4
 # A rank that finishes early waits at the barrier for the slowest; launchers end the whole job if a rank dies.

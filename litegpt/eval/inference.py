@@ -22,9 +22,8 @@ import torch
 
 from litegpt.eval.metrics import box_confidences
 from litegpt.grammar import TASKS, parse, render_prompt
-from litegpt.model.config import ModelConfig, load_model_config
+from litegpt.model.config import ModelConfig, Visual, load_model_config
 from litegpt.model.export import CONFIG, INFO, load_export
-from litegpt.model.inputs import Visual
 
 
 class EvalError(ValueError):

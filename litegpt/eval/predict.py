@@ -36,8 +36,7 @@ from litegpt.eval.inference import (
 )
 from litegpt.grammar import TASKS, parse
 from litegpt.labels import GLOBAL_LABELS
-from litegpt.model.config import ConfigError
-from litegpt.model.inputs import Visual
+from litegpt.model.config import ConfigError, Visual
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 

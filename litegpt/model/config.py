@@ -50,6 +50,14 @@ def local_source(source: str | None) -> Path | None:
     return path
 
 
+class Visual(str, enum.Enum):
+    """Where a sample's visual input comes from, spelled as recipes and the command line spell it: `cache`
+    = per-encoder features from the feature cache, `live` = per-encoder pixels run through the encoders."""
+
+    CACHE = "cache"
+    LIVE = "live"
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """One frozen image encoder. `kind` picks the loader (see `litegpt.model.encoders.ENCODER_LOADERS`)."""

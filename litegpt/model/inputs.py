@@ -14,23 +14,15 @@ Needs no model: the data stream builds batches in its loader workers from the to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Sequence
 
 import torch
 
 from litegpt.grammar import IMAGE_PLACEHOLDER
-from litegpt.model.config import ConfigError
+from litegpt.model.config import ConfigError, ModelConfig, Visual
+from litegpt.model.encoders import backbone_geometry
 
 IGNORE_INDEX = -100
-
-
-class Visual(str, Enum):
-    """Where a sample's visual input comes from, spelled as recipes and the command line spell it: `cache`
-    = per-encoder features from the feature cache, `live` = per-encoder pixels run through the encoders."""
-
-    CACHE = "cache"
-    LIVE = "live"
 
 
 @dataclass
@@ -77,6 +69,12 @@ class InputBuilder:
             raise ConfigError("the tokenizer needs BOS and EOS tokens")
         self.pad = next(t for t in (tokenizer.pad_token_id, tokenizer.unk_token_id, self.eos) if t is not None)
         self._prompts: dict[str, tuple[list[int], list[int]]] = {}
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, tokenizer) -> InputBuilder:
+        """The assembly a model of this config reads: one image slot per merged visual token."""
+        return cls(tokenizer, backbone_geometry(cfg.vision)[0] // cfg.merge.k, cfg.llm.max_length,
+                   cfg.llm.max_answer_tokens)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

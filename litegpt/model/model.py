@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from litegpt.model.config import ConfigError, LLMConfig, LoraSettings, ModelConfig, local_source, resolve_arch
+from litegpt.model.config import ConfigError, LLMConfig, LoraSettings, ModelConfig, Visual, local_source, resolve_arch
 from litegpt.model.encoders import VisualBackbone, backbone_geometry, torch_dtype
-from litegpt.model.inputs import Batch, InputBuilder, Visual
+from litegpt.model.inputs import Batch, InputBuilder
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,7 @@ class LiteGPT(nn.Module):
         self.image_tokens = n_tokens // cfg.merge.k
         self.encoder_names = [e.name for e in cfg.vision.encoders]
         self.feature_dtype = torch_dtype(cfg.vision.feature_dtype)
-        self.inputs = None if tokenizer is None else InputBuilder(
-            tokenizer, self.image_tokens, cfg.llm.max_length, cfg.llm.max_answer_tokens)
+        self.inputs = None if tokenizer is None else InputBuilder.for_model(cfg, tokenizer)
 
     def image_embeddings(self, visual: dict[str, torch.Tensor], source: Visual) -> torch.Tensor:
         """[B, N/k, D] embeddings from per-encoder pixels (run through the encoders) or cached features."""

@@ -8,7 +8,6 @@ atomically only after every rank has finished writing, so a kill mid-save leaves
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from litegpt.files import write_bytes_atomic
 
 LATEST = "latest"
 
@@ -54,9 +55,7 @@ class Checkpointer:
                                exclude_frozen_parameters=True)
         dist.barrier()
         if self.rank == 0:
-            tmp = self.directory / f".{LATEST}.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.directory / LATEST)
+            write_bytes_atomic(self.directory / LATEST, tag.encode())
             self._prune(keep=tag)
         dist.barrier()
         return tag

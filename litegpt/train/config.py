@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from litegpt.data.shards import read_manifest
 from litegpt.grammar import TASKS
-from litegpt.model.config import ConfigError, build_dataclass
-from litegpt.model.inputs import Visual
+from litegpt.model.config import ConfigError, ModelConfig, Visual, build_dataclass, load_model_config
 
 
 @dataclass(frozen=True)
@@ -162,3 +162,38 @@ def deepspeed_config(base: dict, cfg: TrainConfig, world_size: int, bf16: bool) 
     ds.pop("fp16", None)
     ds["zero_allow_untested_optimizer"] = True  # our client AdamW with the paper's parameter groups
     return ds
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A stage's validated configuration."""
+
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    deepspeed: dict  # the DeepSpeed config with batch sizes and precision derived from `cfg`
+    bf16: bool
+
+
+def load_recipe(config: Path, overrides: list[str], deepspeed_json: Path, world_size: int) -> Recipe:
+    """Everything that can be refused before ranks start (ConfigError, OSError, ValueError), refused before
+    torch is imported; torch is asked only which precision the device has."""
+    cfg = load_train_config(config, overrides)
+    model_cfg = load_model_config(cfg.model)
+    ds_base = json.loads(Path(deepspeed_json).read_text())
+    check_inputs(cfg)
+    deepspeed_config(ds_base, cfg, world_size, bf16=False)
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
+    return Recipe(cfg, model_cfg, deepspeed_config(ds_base, cfg, world_size, bf16), bf16)
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Stage prerequisites that can be checked before starting ranks."""
+    manifest = read_manifest(Path(cfg.data.shards))
+    if cfg.data.split not in manifest["splits"] or manifest["splits"][cfg.data.split]["samples"] == 0:
+        raise ValueError(f"{cfg.data.shards}: no samples in split {cfg.data.split!r}")
+    if cfg.stage.init_from and not (Path(cfg.stage.init_from) / "projector.safetensors").is_file():
+        raise ValueError(f"stage.init_from = {cfg.stage.init_from}: no export there; train the previous stage "
+                         "first (its export is written to <run.dir>/<stage>/export when it ends)")

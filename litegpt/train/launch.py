@@ -1,16 +1,11 @@
-"""From a recipe to a ready `Trainer`, in the order a stage needs: the checks that need no ranks, the
-ranks, the feature cache, the stream, the model and its DeepSpeed engine, the resumed state, the monitor.
-
-Importing this module stays light (no DeepSpeed, transformers or model code) so that a bad recipe is refused
-within a second; DeepSpeed is imported once `start_ranks` has chosen its accelerator (it reads
-DS_ACCELERATOR on import).
+"""From a validated recipe (`litegpt.train.config.load_recipe`) to a ready `Trainer`, in the order a stage
+needs: the ranks, the feature cache, the stream, the model and its DeepSpeed engine, the resumed state, the
+monitor. DeepSpeed is imported once `start_ranks` has chosen its accelerator (it reads DS_ACCELERATOR on import).
 """
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection
 
@@ -20,44 +15,13 @@ import yaml
 
 from litegpt import distributed
 from litegpt.data.shards import read_manifest
-from litegpt.model.config import ModelConfig, load_model_config
-from litegpt.model.inputs import Visual
+from litegpt.distributed import Preemption
+from litegpt.model.config import ModelConfig, Visual
 from litegpt.train.checkpoint import Checkpointer
-from litegpt.train.config import TrainConfig, deepspeed_config, load_train_config
+from litegpt.train.config import Recipe
 from litegpt.train.monitor import Monitor, device_peak_tflops, flop_model_of
 from litegpt.train.optim import build_optimizer
-from litegpt.train.trainer import Preemption, Schedule, Trainer, TrainState
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A stage's validated configuration."""
-
-    cfg: TrainConfig
-    model_cfg: ModelConfig
-    deepspeed: dict  # the DeepSpeed config with batch sizes and precision derived from `cfg`
-    bf16: bool
-
-
-def load_recipe(config: Path, overrides: list[str], deepspeed_json: Path, world_size: int) -> Recipe:
-    """Everything that can be refused before ranks start (ConfigError, OSError, ValueError)."""
-    on_gpu = torch.cuda.is_available()
-    cfg = load_train_config(config, overrides)
-    model_cfg = load_model_config(cfg.model)
-    ds_base = json.loads(Path(deepspeed_json).read_text())
-    check_inputs(cfg)
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
-    return Recipe(cfg, model_cfg, deepspeed_config(ds_base, cfg, world_size, bf16), bf16)
-
-
-def check_inputs(cfg: TrainConfig) -> None:
-    """Stage prerequisites that can be checked before starting ranks."""
-    manifest = read_manifest(Path(cfg.data.shards))
-    if cfg.data.split not in manifest["splits"] or manifest["splits"][cfg.data.split]["samples"] == 0:
-        raise ValueError(f"{cfg.data.shards}: no samples in split {cfg.data.split!r}")
-    if cfg.stage.init_from and not (Path(cfg.stage.init_from) / "projector.safetensors").is_file():
-        raise ValueError(f"stage.init_from = {cfg.stage.init_from}: no export there; train the previous stage "
-                         "first (its export is written to <run.dir>/<stage>/export when it ends)")
+from litegpt.train.trainer import Schedule, Trainer, TrainState
 
 
 def start_ranks(dist_env: distributed.DistEnv) -> tuple[int, int]:

@@ -22,12 +22,12 @@ from typing import Callable, Iterator
 import torch
 import webdataset as wds
 
-from litegpt.data.shards import iter_json, read_manifest
+from litegpt.data.shards import iter_json, read_manifest, read_samples
 from litegpt.features import Decode, visual_decoder
 from litegpt.grammar import render_answer, render_prompt
-from litegpt.model.config import ModelConfig
-from litegpt.model.encoders import ImagePreprocessor, backbone_geometry
-from litegpt.model.inputs import InputBuilder, TrainSample, Visual
+from litegpt.model.config import ModelConfig, Visual
+from litegpt.model.encoders import ImagePreprocessor
+from litegpt.model.inputs import InputBuilder, TrainSample
 from litegpt.model.model import load_tokenizer
 from litegpt.train.config import TrainConfig
 
@@ -55,13 +55,6 @@ class StreamSpec:
                    task_token=cfg.stage.task_token, findings_only=cfg.stage.findings_only, source=cfg.data.features,
                    micro_batch=cfg.train.micro_batch, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                    length_group=cfg.data.length_group, num_workers=cfg.data.num_workers)
-
-
-def input_builder(model_cfg: ModelConfig) -> InputBuilder:
-    """The token assembly `LiteGPT` builds for itself, from the config and tokenizer alone."""
-    image_tokens = backbone_geometry(model_cfg.vision)[0] // model_cfg.merge.k
-    return InputBuilder(load_tokenizer(model_cfg.llm), image_tokens, model_cfg.llm.max_length,
-                        model_cfg.llm.max_answer_tokens)
 
 
 def eligible_counts(shards: Path, split: str, findings_only: bool) -> dict[str, int]:
@@ -95,7 +88,7 @@ class TrainStream:
         """The stage's stream for one rank: spec from the recipe, batches from the model config's tokenizer."""
         preprocess = ImagePreprocessor(model_cfg.vision) if cfg.data.features is Visual.LIVE else None
         return cls(StreamSpec.from_recipe(cfg, source_dir), rank, world_size,
-                   visual_decoder(cfg.data.features, preprocess), input_builder(model_cfg).train_batch)
+                   visual_decoder(cfg.data.features, preprocess), InputBuilder.for_model(model_cfg, load_tokenizer(model_cfg.llm)).train_batch)
 
     def _samples(self, raw: dict) -> list[TrainSample]:
         meta = json.loads(raw["json"])
@@ -167,7 +160,7 @@ def _cycle(to_samples: Callable[[dict], list[TrainSample]]):
         shards = list(src)
         while shards:
             produced = 0
-            for raw in wds.tarfile_to_samples()(iter(shards)):
+            for raw in read_samples(Path(shard["url"]) for shard in shards):
                 for sample in to_samples(raw):
                     produced += 1
                     yield sample

@@ -11,30 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Collection, Iterable, Iterator, Protocol, TextIO
 
 import torch
 import torch.distributed as dist
 
+from litegpt.distributed import ExitCode, Preemption
 from litegpt.model.config import ConfigError
 from litegpt.model.inputs import Batch
 from litegpt.train.checkpoint import Checkpointer
 from litegpt.train.config import TrainConfig, TrainSection
 from litegpt.train.monitor import Counters, MicroStep, Monitor, StepRecord
-
-
-class ExitCode(IntEnum):
-    """How a stage ends, as train.py's exit status."""
-
-    DONE = 0
-    BAD_CONFIG = 2  # refused before the first step
-    NONFINITE = 3  # train.max_nonfinite non-finite steps in a row
-    PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, requeue me (the SLURM scripts do)
 
 
 @dataclass
@@ -79,22 +69,6 @@ class Schedule:
     def trained_per_epoch(self) -> int:
         """Micro-batches per epoch the steps consume (each rank)."""
         return self.steps_per_epoch * self.grad_accum
-
-
-class Preemption:
-    """After `listen()`, SIGTERM / SIGUSR1 (SLURM's warning before the time limit or preemption) set
-    `requested`; the trainer checkpoints at the end of the optimizer step and exits with PREEMPTED."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def listen(self) -> Preemption:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
 
 
 class MicroBatches(Protocol):

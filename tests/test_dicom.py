@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from pydicom.pixels.decoders import JPEGLosslessSV1Decoder
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1
 
 from litegpt.data.dicom import (
+    MAX_PIXELS,
     ConvertConfig,
     DicomError,
     convert_dicom,
@@ -267,9 +269,9 @@ def test_compressed_file_without_transfer_syntax_is_sniffed(tmp_path):
     assert np.array_equal(got.pixels, convert_dicom(data("JPEG-LL.dcm"), FULL).pixels)
 
 
-def assert_refused(path: Path, *fragments: str) -> DicomError:
+def assert_refused(path: Path, *fragments: str, cfg: ConvertConfig = ConvertConfig()) -> DicomError:
     with pytest.raises(DicomError) as info:
-        convert_dicom(path)
+        convert_dicom(path, cfg)
     message = str(info.value)
     assert path.name in message
     for fragment in fragments:
@@ -338,6 +340,29 @@ def test_corrupted_files_raise_only_dicom_error(tmp_path, seed):
             assert path.name in str(error)
 
 
+def test_header_claiming_a_huge_image_is_refused_before_decoding(tmp_path):
+    """A real RLE file (pydicom's 64 x 64 MR) whose header claims 20000 x 20000: the RLE decoder would allocate
+    800 MB for it (4-4.5 GB for the issue's crafted file); the refusal names the claim and allocates nothing."""
+    ds = pydicom.dcmread(data("MR_small_RLE.dcm"))
+    ds.Rows = ds.Columns = 20000
+    path = tmp_path / "bomb.dcm"
+    ds.save_as(path)
+    tracemalloc.start()
+    try:
+        assert_refused(path, "20000 x 20000", "400,000,000", f"{MAX_PIXELS:,}", "before decoding", "--max-pixels")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20
+
+
+def test_pixel_limit_is_overridable_and_admits_real_radiographs():
+    small = data("MR_small_RLE.dcm")  # 64 x 64, one sample, one frame
+    assert_refused(small, "64 x 64", "4,096 values", cfg=ConvertConfig(max_pixels=64 * 64 - 1))
+    assert convert_dicom(small, ConvertConfig(max_pixels=64 * 64)).rows == 64
+    assert MAX_PIXELS >= 4 * 3100 * 3100  # VinDr-CXR's largest images are about 3100 px a side
+
+
 def test_missing_decoder_names_the_packages_needed():
     JPEGLosslessSV1Decoder.remove_plugin("gdcm")  # as on a machine without python-gdcm
     try:
@@ -355,7 +380,7 @@ def test_read_dicom_returns_dataset_with_transfer_syntax():
 
 def test_bad_configuration_is_a_plain_value_error(rg1):
     for bad in (lambda: to_uint8(rg1, method="gamma"), lambda: ConvertConfig(method="gamma"),
-                lambda: ConvertConfig(max_side=0)):
+                lambda: ConvertConfig(max_side=0), lambda: ConvertConfig(max_pixels=0)):
         with pytest.raises(ValueError) as info:
             bad()
         assert not isinstance(info.value, DicomError)

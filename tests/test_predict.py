@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -104,3 +105,18 @@ def test_unreadable_input_fails_with_one_message_naming_the_file(stage, tmp_path
     assert str(fake) in err and len(err.strip().splitlines()) == 1
     code, _, err = run_predict(capsys, str(tmp_path / "missing.dcm"), "--run", str(stage))
     assert code == 1 and "missing.dcm: no such file" in err
+
+
+def test_a_dicom_claiming_too_many_pixels_is_refused_before_decoding(stage, tmp_path, capsys):
+    ds = pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm", download=False))  # a real 64 x 64 RLE file
+    ds.Rows = ds.Columns = 20000  # the RLE decoder would allocate 800 MB for this claim
+    bomb = tmp_path / "bomb.dcm"
+    ds.save_as(bomb)
+    code, out, err = run_predict(capsys, str(bomb), "--run", str(stage))
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and str(bomb) in err and "20000 x 20000" in err
+    # the limit is the flag's: the real radiograph is refused one pixel below its size, and 0 is no limit at all
+    code, out, err = run_predict(capsys, str(RADIOGRAPH), "--run", str(stage), "--max-pixels", str(ROWS * COLS - 1))
+    assert code == 1 and out == "" and f"{ROWS} x {COLS}" in err
+    code, out, err = run_predict(capsys, str(RADIOGRAPH), "--run", str(stage), "--max-pixels", "0")
+    assert code == 2 and out == "" and "--max-pixels must be >= 1" in err

@@ -6,6 +6,9 @@
 integer value alone, so it is computed once over the stored-value domain with pydicom's own functions and
 applied to the image as a single uint8 lookup. No float work happens at full resolution on that path.
 
+A header can claim up to 65535 x 65535 pixels, and a few MB of RLE then expand to gigabytes, so the pixel
+count the header claims is checked against `max_pixels` before the decoder runs.
+
 Only geometry and photometric fields leave this module; no other header value (no patient data).
 """
 
@@ -42,6 +45,11 @@ _JPEG_SOF = {0xC0: JPEGBaseline8Bit, 0xC1: JPEGExtended12Bit, 0xC3: JPEGLossless
 # Elements every image has; a file read without its DICM header that has none of them is not DICOM.
 _IDENTIFYING = ("SOPClassUID", "Modality", "Rows", "StudyInstanceUID")
 _J2K_MAGIC = (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")
+# Most values (rows x columns x samples x frames) a file may claim before it is decoded. 8192 x 8192 admits
+# every single radiograph with margin (VinDr-CXR's largest are about 3100 px a side, a 43 cm detector at
+# 100 um is 4300) and bounds one decode to 128 MiB of 16-bit values (256 MiB of float32 for the paper
+# method); the same order as Pillow's MAX_IMAGE_PIXELS (89.5 M), which guards PNG/JPEG inputs.
+MAX_PIXELS = 8192 * 8192
 
 
 class DicomError(ValueError):
@@ -52,12 +60,15 @@ class DicomError(ValueError):
 class ConvertConfig:
     max_side: int = 1024  # longer side after resize, aspect kept; never upscale
     method: str = "lut"  # "lut" (viewer display) or "paper" (appendix A.1 of the paper)
+    max_pixels: int = MAX_PIXELS  # larger claimed images are refused before decoding
 
     def __post_init__(self) -> None:  # fail when prepare starts, not in every worker
         if self.method not in METHODS:
             raise ValueError(f"unknown conversion method {self.method!r}; choose from {METHODS}")
         if self.max_side < 1:
             raise ValueError(f"max_side must be >= 1, got {self.max_side}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
 
 
 @dataclass(frozen=True)
@@ -127,16 +138,24 @@ def _infer_transfer_syntax(ds: Dataset, path: Path | str) -> UID:
     raise DicomError(f"{path}: compressed pixel data but no transfer syntax, and the codec is not recognised")
 
 
-def _decode(ds: Dataset, name: str) -> np.ndarray:
-    """Check that the dataset is one grayscale frame, then decode it with whichever plugin pydicom finds."""
+def _decode(ds: Dataset, name: str, max_pixels: int) -> np.ndarray:
+    """Check that the dataset is one grayscale frame of an admissible size, then decode it with whichever
+    plugin pydicom finds (the decoders allocate what the header claims, so the size is checked first)."""
     missing = [tag for tag in _REQUIRED if ds.get(tag) is None]
     if missing:
         raise DicomError(f"{name}: missing required image tag(s) {', '.join(missing)}")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    samples, frames = int(ds.get("SamplesPerPixel") or 1), int(ds.get("NumberOfFrames") or 1)
+    claimed = rows * cols * samples * frames
+    if claimed > max_pixels:
+        raise DicomError(f"{name}: header claims {rows} x {cols} pixels x {samples} sample(s) x {frames} frame(s) "
+                         f"= {claimed:,} values, above the limit of {max_pixels:,}; refused before decoding "
+                         "(raise the limit with --max-pixels if the image is genuine)")
     photometric = ds.get("PhotometricInterpretation")
-    if int(ds.get("SamplesPerPixel") or 1) != 1 or photometric not in _MONOCHROME:
+    if samples != 1 or photometric not in _MONOCHROME:
         raise DicomError(f"{name}: colour or unknown photometric interpretation {photometric!r} "
                          f"(only MONOCHROME1/MONOCHROME2 grayscale is supported)")
-    if int(ds.get("NumberOfFrames") or 1) != 1:
+    if frames != 1:
         raise DicomError(f"{name}: multi-frame image ({ds.NumberOfFrames} frames); expected one radiograph")
     ts = ds.file_meta.TransferSyntaxUID
     try:
@@ -246,13 +265,17 @@ def _paper_method(ds: Dataset, arr: np.ndarray) -> tuple[np.ndarray, dict]:
     return x.astype(np.uint8), info
 
 
-def to_uint8(ds: Dataset, method: str = "lut", path: Path | str | None = None) -> tuple[np.ndarray, dict]:
-    """Decode `ds` and return the full-resolution uint8 display image and the window that was applied."""
+def to_uint8(ds: Dataset, method: str = "lut", path: Path | str | None = None,
+             max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict]:
+    """Decode `ds` and return the full-resolution uint8 display image and the window that was applied.
+
+    A header claiming more than `max_pixels` values is refused (DicomError) before anything is decoded.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown conversion method {method!r}; choose from {METHODS}")
     name = _name(ds, path)
     try:
-        arr = _decode(ds, name)
+        arr = _decode(ds, name, max_pixels)
         return (_lut_method if method == "lut" else _paper_method)(ds, arr)
     except DicomError:
         raise
@@ -281,7 +304,7 @@ def resize_max_side(img: np.ndarray, max_side: int) -> np.ndarray:
 def convert_dicom(path: Path | str, cfg: ConvertConfig = ConvertConfig()) -> ConvertedImage:
     """Read, convert and resize one DICOM; any problem with the file raises DicomError."""
     ds = read_dicom(path)
-    full, window = to_uint8(ds, cfg.method, path)
+    full, window = to_uint8(ds, cfg.method, path, cfg.max_pixels)
     return ConvertedImage(
         pixels=resize_max_side(full, cfg.max_side),
         rows=full.shape[0],

@@ -4,10 +4,12 @@
 
 The file goes through prepare's conversion (`convert_dicom`; PNG/JPEG/TIFF/BMP by their suffix through
 `convert_image_file`), longer side at most `--max-side` (1024, as prepare), then the live encoders and
-the same generation as `litegpt evaluate`. Boxes are given normalised (0..1, as the model says them) and
-in the ORIGINAL image's pixels (`box_px`, what a viewer needs to draw them on the DICOM), each with a
-confidence: the mean probability of the tokens that wrote it (`inference.box_scores`). JSON goes to
-stdout and nothing else does; the overlay (the converted image with the boxes) beside the input.
+the same generation as `litegpt evaluate`. A DICOM whose header claims more than `--max-pixels` values is
+refused before it is decoded (PNG/JPEG inputs have Pillow's own MAX_IMAGE_PIXELS). Boxes are given
+normalised (0..1, as the model says them) and in the ORIGINAL image's pixels (`box_px`, what a viewer
+needs to draw them on the DICOM), each with a confidence: the mean probability of the tokens that wrote
+it (`inference.box_scores`). JSON goes to stdout and nothing else does; the overlay (the converted image
+with the boxes) beside the input.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from litegpt.data.dicom import ConvertConfig, ConvertedImage, DicomError, convert_dicom, convert_image_file
+from litegpt.data.dicom import MAX_PIXELS, ConvertConfig, ConvertedImage, DicomError, convert_dicom, convert_image_file
 from litegpt.data.inspection import draw_boxes
 from litegpt.eval.inference import (
     Decoding,
@@ -41,13 +43,13 @@ from litegpt.model.config import ConfigError, Visual
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-def convert(path: Path, max_side: int) -> ConvertedImage:
+def convert(path: Path, max_side: int, max_pixels: int = MAX_PIXELS) -> ConvertedImage:
     """The image as prepare would store it; raises DicomError naming the file when it cannot be read."""
     if not path.is_file():
         raise DicomError(f"{path}: no such file")
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return convert_image_file(path, max_side)
-    return convert_dicom(path, ConvertConfig(max_side=max_side))
+    return convert_dicom(path, ConvertConfig(max_side=max_side, max_pixels=max_pixels))
 
 
 def predict(model, stage: TrainedStage, image: ConvertedImage, tasks: Sequence[str], decoding: Decoding) -> dict:
@@ -78,13 +80,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="overlay PNG (default: <file stem>.overlay.png beside the file)")
     parser.add_argument("--task", choices=(*TASKS, "both"), default=None, help="default: the tasks the stage trained")
     parser.add_argument("--max-side", type=int, default=1024, help="longer side after conversion (default 1024)")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help=f"refuse a DICOM claiming more values (rows x columns x samples x frames) before "
+                             f"decoding it (default {MAX_PIXELS:,}, 8192 x 8192)")
     add_generation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.max_pixels < 1:
+        print(f"litegpt predict: --max-pixels must be >= 1, got {args.max_pixels}", file=sys.stderr)
+        return 2
     try:
         decoding = decoding_from_args(args)
-        image = convert(args.file, args.max_side)
+        image = convert(args.file, args.max_side, args.max_pixels)
         stage = load_stage(args.run)
         tasks = stage.tasks if args.task is None else TASKS if args.task == "both" else (args.task,)
         model = load_model(stage, with_encoders=True, device=inference_device())

@@ -46,8 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, json.JSONDecodeError, ValueError) as exc:
         return refuse(exc)
 
-    from litegpt.train.checkpoint import ResumeError
+    from litegpt.train.checkpoint import ResumeError, check_resume
     from litegpt.train.launch import build_trainer, start_ranks
+
+    try:  # before the cache, the model or the ranks are built: a checkpoint that cannot continue is refused now
+        if args.resume == "auto":
+            check_resume(recipe.cfg.checkpoint_dir, recipe.cfg.digest(), dist_env.world_size, recipe.data)
+    except (ResumeError, OSError) as exc:
+        return refuse(exc)
 
     rank, world = start_ranks(dist_env)
     distributed.setup_logging(rank)

@@ -4,11 +4,14 @@ as a plain PyTorch loop."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,8 +21,17 @@ from torch import nn
 from litegpt.distributed import ExitCode, Preemption, free_port
 from litegpt.model.config import ConfigError, Visual
 from litegpt.model.inputs import IGNORE_INDEX, Batch
-from litegpt.train.checkpoint import Checkpointer
-from litegpt.train.config import CheckpointSection, LogSection, RunSection, TrainConfig, TrainSection
+from litegpt.train.checkpoint import Checkpointer, ResumeError
+from litegpt.train.config import (
+    CheckpointSection,
+    DataSection,
+    LogSection,
+    RunSection,
+    StageSection,
+    TrainConfig,
+    TrainSection,
+    data_record,
+)
 from litegpt.train.monitor import FlopModel, Monitor
 from litegpt.train.trainer import Schedule, Trainer, TrainState
 
@@ -148,8 +160,13 @@ class ListStream:
             epoch, skip = epoch + 1, 0
 
 
+# what `data_record` says of a stage's data; the tests of the data check below record real shard sets
+DATA = {"shards": "0" * 64, "split": "train", "tasks": ["identify"], "findings_only": True, "preparation": {}}
+
+
 def make_trainer(run_dir: Path, *, grad_accum: int = 2, epochs: int = 2, max_nonfinite: int = 3, nan=frozenset(),
-                 inject=(), state: TrainState | None = None, preemption: Preemption | None = None) -> Trainer:
+                 inject=(), state: TrainState | None = None, preemption: Preemption | None = None,
+                 data: dict = DATA) -> Trainer:
     cfg = TrainConfig(model="unused.yaml", run=RunSection(dir=str(run_dir)),
                       train=TrainSection(grad_accum=grad_accum, epochs=epochs, max_nonfinite=max_nonfinite),
                       checkpoint=CheckpointSection(save_every=1000, keep_last=2), log=LogSection(every=2))
@@ -158,7 +175,7 @@ def make_trainer(run_dir: Path, *, grad_accum: int = 2, epochs: int = 2, max_non
     start = 0 if state is None else state.step
     monitor = Monitor(cfg.stage_dir, True, cfg.log.every, schedule.total_steps, start, FlopModel(10, 2, 3, 1, WIDTH),
                       None, 1)
-    checkpointer = Checkpointer(cfg.stage_dir / "checkpoints", cfg.checkpoint.keep_last, 0, 1)
+    checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, 0, 1, data)
     return Trainer(cfg, StandInEngine(grad_accum), ListStream(nan), schedule, checkpointer, monitor, state,
                    preemption, inject)
 
@@ -313,3 +330,61 @@ def test_preemption_checkpoints_and_a_resumed_run_continues_exactly(tmp_path, ca
     resumed.close()
     assert_same_weights(resumed.engine.module, reference.engine.module)
     assert {r["step"]: r["loss"] for r in records(resumed)} == {r["step"]: r["loss"] for r in records(reference)}
+
+
+def draws() -> tuple:
+    """A number from each RNG a resumed run restores (LoRA dropout draws from torch's)."""
+    return torch.rand(3).tolist(), random.random(), np.random.rand(2).tolist(), np.random.randn()
+
+
+def test_checkpoint_files_of_ours_are_json_and_restore_the_rngs_exactly(tmp_path):
+    """Nothing of ours is unpickled on resume: our files read as JSON, and the RNGs continue exactly."""
+    trainer = make_trainer(tmp_path)
+    np.random.randn()  # numpy's cached second Gaussian is part of its state
+    tag = trainer.checkpointer.save(trainer.engine, {**trainer.state.state_dict(), "config_digest": trainer.cfg.digest()})
+    expected = draws()
+    ours = sorted(p.name for p in (trainer.checkpointer.directory / tag).iterdir() if p.name != "mp_rank_00_model_states.pt")
+    assert ours == ["rng_rank00000.json", "run.json"]
+    for name in ours:
+        json.loads((trainer.checkpointer.directory / tag / name).read_text())
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    assert trainer.checkpointer.load(trainer.engine, trainer.cfg.digest())["step"] == 0
+    assert draws() == expected
+    trainer.close()
+
+
+def test_a_checkpoint_written_before_the_run_record_is_refused(tmp_path):
+    """Its RNG states are pickles and it does not know its data: refused with the way out, not unpickled."""
+    trainer = make_trainer(tmp_path, epochs=1)
+    trainer.fit()
+    trainer.close()
+    tag_dir = trainer.checkpointer.directory / "step00000002"
+    (tag_dir / "run.json").unlink()  # what earlier versions wrote: DeepSpeed's files and rng_rank00000.pt
+    (tag_dir / "rng_rank00000.json").unlink()
+    torch.save({"torch": torch.get_rng_state()}, tag_dir / "rng_rank00000.pt")
+    with pytest.raises(ResumeError, match=r"has no run.json: an earlier litegpt.*--resume none"):
+        make_trainer(tmp_path).checkpointer.load(trainer.engine, trainer.cfg.digest())
+
+
+def test_a_checkpoint_refuses_other_data(tmp_path, make_shards):
+    """Shards rewritten in place, or another split or filter: the resume is refused, saying what changed."""
+    shards = make_shards(tmp_path / "shards", {"train": [3, 2], "test": [2]})
+    cfg = TrainConfig(model="unused.yaml", data=DataSection(shards=str(shards)))
+    trainer = make_trainer(tmp_path / "run", epochs=1, data=data_record(cfg))
+    trainer.fit()
+    trainer.close()
+
+    def resume(data: dict) -> dict | None:
+        again = make_trainer(tmp_path / "run", epochs=1, data=data)
+        try:
+            return again.checkpointer.load(again.engine, again.cfg.digest())
+        finally:
+            again.close()
+
+    assert resume(data_record(cfg))["step"] == 2  # the same data resumes
+    with pytest.raises(ResumeError, match=r"trained on other data \(findings_only was True, now False\): use a new "
+                                          r"run.dir, or --resume none"):
+        resume(data_record(dataclasses.replace(cfg, stage=StageSection(findings_only=False))))
+    make_shards(shards, {"train": [3, 2], "test": [2]}, seed=1)  # other pixels; the same names and counts
+    with pytest.raises(ResumeError, match=r"the shards of split 'train' differ: re-prepared or altered"):
+        resume(data_record(cfg))

@@ -223,8 +223,19 @@ def load_model_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: model config not found")
-    data = yaml.safe_load(path.read_text())
-    return model_config_from_dict(data, str(path))
+    return model_config_from_dict(parse_yaml(path.read_text(), str(path)), str(path))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML to plain data; a syntax error is a one-line ConfigError naming `where` and the line, not a parser
+    traceback (configs and recipes are hand-edited)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
 
 
 def resolve_arch(arch: dict | str | None, where: str) -> dict | None:

@@ -9,26 +9,47 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
+from typing import Any, Callable, Iterator
 
 from litegpt.data.shards import read_manifest
 from litegpt.grammar import TASKS
-from litegpt.model.config import ConfigError, ModelConfig, Visual, build_dataclass, load_model_config
+from litegpt.model.config import ConfigError, ModelConfig, Visual, build_dataclass, load_model_config, parse_yaml
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a recipe value must be to work (`ok`), in words; it sits beside its field as field metadata."""
+
+    ok: Callable[[Any], bool]
+    wanted: str
+
+
+def _rule(ok: Callable[[Any], bool], wanted: str) -> dict:
+    return {"rule": Rule(ok, wanted)}
+
+
+def _at_least(low: int) -> dict:
+    return _rule(lambda v: math.isfinite(v) and v >= low, f">= {low}")
+
+
+POSITIVE = _rule(lambda v: math.isfinite(v) and v > 0, "> 0 (and finite)")
 
 
 @dataclass(frozen=True)
 class RunSection:
     dir: str = "runs/default"  # the run; this stage writes to <dir>/<stage.name>/
-    seed: int = 42
+    seed: int = field(default=42, metadata=_rule(lambda v: 0 <= v < 2**32, "in [0, 2**32)"))  # numpy's range
 
 
 @dataclass(frozen=True)
 class StageSection:
     name: str = "stage1"
-    tasks: tuple[str, ...] = ("identify",)  # both = the single-stage recipe (paper's open question 3)
+    # both = the single-stage recipe (paper's open question 3)
+    tasks: tuple[str, ...] = field(default=("identify",), metadata=_rule(
+        lambda v: bool(v) and all(t in TASKS for t in v), f"one or more of {', '.join(TASKS)}"))
     task_token: str | None = None  # e.g. "[grounding]" for the [identify] vs [grounding] ablation
     findings_only: bool = True  # stage 1 trains on images with local findings (paper 3.2, 4.4)
     init_from: str | None = None  # a previous stage's export/ directory (stage 2: <run>/stage1/export)
@@ -39,41 +60,46 @@ class DataSection:
     shards: str = "shards/demo"
     split: str = "train"
     features: Visual = Visual.CACHE  # cache: frozen-encoder features built once per sample; live: encoders every step
-    num_workers: int = 1
-    shuffle_buffer: int = 256
-    length_group: int = 8  # batches per window sorted by answer length (less padding)
+    num_workers: int = field(default=1, metadata=_at_least(0))
+    shuffle_buffer: int = field(default=256, metadata=_at_least(0))  # 0: no shuffling within shards
+    # batches per window sorted by answer length (less padding); 0 would never fill a window: a silent hang
+    length_group: int = field(default=8, metadata=_at_least(1))
 
 
 @dataclass(frozen=True)
 class TrainSection:
-    micro_batch: int = 4
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; caps the epochs
-    precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp32 | bf16 | fp32
-    max_nonfinite: int = 5  # this many non-finite steps in a row stop the run
+    micro_batch: int = field(default=4, metadata=_at_least(1))
+    grad_accum: int = field(default=1, metadata=_at_least(1))
+    epochs: int = field(default=1, metadata=_at_least(1))
+    max_steps: int | None = field(default=None, metadata=_at_least(1))  # optimizer steps; caps the epochs
+    precision: str = field(default="auto", metadata=_rule(lambda v: v in ("auto", "bf16", "fp32"),
+                                                          "auto, bf16 or fp32"))  # auto: bf16 on a GPU that has it
+    # this many non-finite steps in a row stop the run (0 would stop it after its first step)
+    max_nonfinite: int = field(default=5, metadata=_at_least(1))
 
 
 @dataclass(frozen=True)
 class OptimSection:
-    lr: float = 1e-5
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-5
-    warmup_steps: int = 1000
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
+    lr: float = field(default=1e-5, metadata=POSITIVE)
+    min_lr: float = field(default=1e-5, metadata=_at_least(0))  # the cosine's floor
+    warmup_lr: float = field(default=1e-5, metadata=_at_least(0))  # the linear warmup's start
+    warmup_steps: int = field(default=1000, metadata=_at_least(0))
+    weight_decay: float = field(default=0.05, metadata=_at_least(0))  # AdamW's; negative would grow the weights
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_rule(
+        lambda v: all(0 <= b < 1 for b in v), "two values in [0, 1)"))  # Adam's moment decay
 
 
 @dataclass(frozen=True)
 class CheckpointSection:
-    save_every: int = 500  # optimizer steps
-    keep_last: int = 3
+    save_every: int = field(default=500, metadata=_at_least(1))  # optimizer steps
+    keep_last: int = field(default=3, metadata=_at_least(1))
 
 
 @dataclass(frozen=True)
 class LogSection:
-    every: int = 10  # optimizer steps
-    peak_tflops: float | None = None  # per device, for MFU; None: looked up from the device name
+    every: int = field(default=10, metadata=_at_least(1))  # optimizer steps
+    # per device, for MFU; None: looked up from the device name
+    peak_tflops: float | None = field(default=None, metadata=POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -91,6 +117,10 @@ class TrainConfig:
     def stage_dir(self) -> Path:
         return Path(self.run.dir) / self.stage.name
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.stage_dir / "checkpoints"
+
     def to_dict(self) -> dict:
         """Plain data (enums by their value), as a recipe spells it."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -101,14 +131,14 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _set(data: dict, dotted: str, raw: str) -> None:
+def _set(data: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    node[keys[-1]] = value
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -116,30 +146,31 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: recipe not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = parse_yaml(path.read_text(), str(path)) or {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.sub=value")
         key, value = item.split("=", 1)
-        _set(data, key.strip(), value)
-    return validate(build_dataclass(TrainConfig, data, str(path)))
+        _set(data, key.strip(), parse_yaml(value, f"--set {item}"))
+    return validate(build_dataclass(TrainConfig, data, str(path)), str(path))
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    checks = [
-        (all(t in TASKS for t in cfg.stage.tasks) and cfg.stage.tasks, f"stage.tasks: each of {TASKS}, at least one"),
-        (cfg.train.precision in ("auto", "bf16", "fp32"), "train.precision: auto, bf16 or fp32"),
-        (cfg.train.micro_batch >= 1 and cfg.train.grad_accum >= 1, "train.micro_batch and grad_accum: >= 1"),
-        (cfg.train.epochs >= 1, "train.epochs: >= 1"),
-        (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps: >= 1 or null"),
-        (cfg.data.num_workers >= 0, "data.num_workers: >= 0"),
-        (cfg.checkpoint.save_every >= 1 and cfg.checkpoint.keep_last >= 1, "checkpoint.save_every/keep_last: >= 1"),
-        (cfg.optim.warmup_steps >= 0 and cfg.optim.lr > 0, "optim: lr > 0, warmup_steps >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"invalid recipe: {message}")
+def validate(cfg: TrainConfig, where: str) -> TrainConfig:
+    """Every value checked against the rule beside its field, so what cannot work is refused before any
+    setup (not after it, or never, as a hang or a negative learning rate)."""
+    broken = next(_broken_rules(cfg), None)
+    if broken is not None:
+        raise ConfigError(f"{where}: {broken}")
     return cfg
+
+
+def _broken_rules(section: Any, prefix: str = "") -> Iterator[str]:
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            yield from _broken_rules(value, key + ".")
+        elif value is not None and "rule" in f.metadata and not f.metadata["rule"].ok(value):
+            yield f"{key} must be {f.metadata['rule'].wanted}, got {value!r}"
 
 
 def deepspeed_config(base: dict, cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
@@ -172,6 +203,7 @@ class Recipe:
     model_cfg: ModelConfig
     deepspeed: dict  # the DeepSpeed config with batch sizes and precision derived from `cfg`
     bf16: bool
+    data: dict  # `data_record(cfg)`: what the stage trains on, recorded in its checkpoints
 
 
 def load_recipe(config: Path, overrides: list[str], deepspeed_json: Path, world_size: int) -> Recipe:
@@ -186,7 +218,7 @@ def load_recipe(config: Path, overrides: list[str], deepspeed_json: Path, world_
 
     on_gpu = torch.cuda.is_available()
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
-    return Recipe(cfg, model_cfg, deepspeed_config(ds_base, cfg, world_size, bf16), bf16)
+    return Recipe(cfg, model_cfg, deepspeed_config(ds_base, cfg, world_size, bf16), bf16, data_record(cfg))
 
 
 def check_inputs(cfg: TrainConfig) -> None:
@@ -197,3 +229,15 @@ def check_inputs(cfg: TrainConfig) -> None:
     if cfg.stage.init_from and not (Path(cfg.stage.init_from) / "projector.safetensors").is_file():
         raise ValueError(f"stage.init_from = {cfg.stage.init_from}: no export there; train the previous stage "
                          "first (its export is written to <run.dir>/<stage>/export when it ends)")
+
+
+def data_record(cfg: TrainConfig) -> dict:
+    """What the stage trains on, as its checkpoints record it so that a resume on other data is refused:
+    `shards`, a digest of the split's shards (name, samples, sha256) from the manifest, changes whenever the
+    shards are re-prepared with other contents; `preparation` (the manifest's parameters, e.g. the label
+    policy) only explains such a change."""
+    manifest = read_manifest(Path(cfg.data.shards))
+    shards = sorted([s["name"], s["samples"], s.get("sha256")] for s in manifest["shards"] if s["split"] == cfg.data.split)
+    return {"shards": hashlib.sha256(json.dumps(shards).encode()).hexdigest(), "split": cfg.data.split,
+            "tasks": list(cfg.stage.tasks), "findings_only": cfg.stage.findings_only,
+            "preparation": manifest.get("params", {})}

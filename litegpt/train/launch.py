@@ -86,7 +86,7 @@ def build_trainer(recipe: Recipe, rank: int, world: int, *, resume: bool, preemp
                                            config=recipe.deepspeed)
     torch.manual_seed(cfg.run.seed + 1000 * rank)  # LoRA dropout differs across ranks, reproducibly
 
-    checkpointer = Checkpointer(cfg.stage_dir / "checkpoints", cfg.checkpoint.keep_last, rank, world)
+    checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, rank, world, recipe.data)
     state = TrainState()
     restored = checkpointer.load(engine, cfg.digest()) if resume else None
     if restored is not None:

@@ -14,7 +14,12 @@ record (sample count, sha256, the source shard's sha256) goes to `.partial/`, an
 written last by `finalize`, which checks that every image shard has its feature shard. Without a
 manifest a cache is incomplete and is refused. `encode_shards` takes any subset of shard names, so ranks
 can share the work; one process calls `finalize` afterwards. Re-running skips shards already encoded
-from the same image shard (resume) and re-encodes those whose image shard changed.
+from the same image shard (resume) and re-encodes those whose image shard changed or whose own file no
+longer matches its record (a truncated or altered feature shard: `cache-features` repairs exactly those).
+
+`open_cache` checks the image shards and the feature shards against their manifests' sha256
+(`litegpt.data.integrity`, with its stat fast path) and names the damaged ones with the command that
+repairs them; decoding refuses non-finite features, and encoding never writes them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import hashlib
 import io
 import json
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +40,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from litegpt import __version__
-from litegpt.data.shards import MANIFEST, Sample, ShardSetWriter, iter_tar, read_manifest, write_shard
-from litegpt.model.config import VisionConfig, Visual, load_model_config
+from litegpt.data import integrity
+from litegpt.data.shards import MANIFEST, Sample, ShardError, ShardSetWriter, iter_tar, read_manifest, write_shard
+from litegpt.model.config import ConfigError, VisionConfig, Visual, load_model_config
 from litegpt.model.encoders import VisualBackbone, loader_of, weights_digest
 
 FORMAT = "litegpt-features/1"
@@ -74,13 +81,21 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def decode_features(members: dict[str, bytes | np.ndarray]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A feature sample's (json, {encoder: tensor [tokens, width]}) from raw tar members or decoded ones."""
+    """A feature sample's (json, {encoder: tensor [tokens, width]}) from raw tar members or decoded ones.
+
+    Non-finite features are refused: one NaN would reach the batch-norm statistics and the export. The
+    error names the shard (`__url__`, when the reader gives it) and the sample (`__key__`).
+    """
     meta = members["json"]
     meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta
     features = {}
     for ext, value in members.items():
         if ext.endswith(".npy"):
             array = np.load(io.BytesIO(value), allow_pickle=False) if isinstance(value, bytes) else value
+            if not np.isfinite(array).all():
+                where = f"{members.get('__url__', 'feature shard')}: sample {members.get('__key__', meta.get('image_id'))}"
+                raise FeatureCacheError(f"{where}: non-finite values in its {ext} features; remove that shard and re-run "
+                                        "`litegpt cache-features`, which re-encodes it")
             features[ext[: -len(".npy")]] = torch.from_numpy(np.ascontiguousarray(array))
     return meta, features
 
@@ -91,7 +106,7 @@ Decode = Callable[[dict], dict[str, torch.Tensor]]  # a shard sample's raw membe
 def visual_decoder(source: Visual, preprocess: Callable[[Image.Image], dict[str, torch.Tensor]] | None) -> Decode:
     """The visual input of a raw shard sample: its cached features, or its PNG through the encoders' preprocessing."""
     if source is Visual.CACHE:
-        return lambda sample: decode_features({k: v for k, v in sample.items() if k == "json" or k.endswith(".npy")})[1]
+        return lambda sample: decode_features(sample)[1]
     if preprocess is None:
         raise ValueError("live encoders need their preprocessing (a model built with encoders)")
 
@@ -126,6 +141,11 @@ def _encoded(path: Path, backbone: VisualBackbone, pool: ThreadPoolExecutor, bat
         stacked = {enc: torch.stack([p[enc] for p in pixels]).to(device) for enc in pixels[0]}
         with torch.inference_mode():
             feats = {enc: f.cpu().numpy() for enc, f in backbone(stacked).items()}
+        for enc, f in feats.items():
+            bad = [batch[i].key for i in np.flatnonzero(~np.isfinite(f.reshape(len(f), -1)).all(axis=1))]
+            if bad:
+                raise FeatureCacheError(f"{path}: encoder {enc} gives non-finite features for sample(s) "
+                                        f"{', '.join(bad[:5])}; nothing is cached for this shard")
         for i, sample in enumerate(batch):
             yield Sample(sample.key, {"json": sample.members["json"],
                                       **{f"{enc}.npy": _npy(f[i]) for enc, f in feats.items()}})
@@ -145,12 +165,16 @@ def encode_shards(shards: Path, vision: VisionConfig, names: Iterable[str], *, b
     out = cache_dir(shards, fingerprint(fingerprint_inputs(vision)))
     writer = ShardSetWriter(out)
     done = writer.records()
-    fresh = {n for n, r in done.items()
-             if n in sources and r["source_sha256"] == sources[n]["sha256"] and (out / n).is_file()}
+    current = [done[n] for n in names if n in done and done[n]["source_sha256"] == sources[n]["sha256"]]
+    broken = integrity.damaged(out, [r for r in current if (out / r["name"]).is_file()])
+    if broken:
+        print(f"{integrity.describe(out, broken)}; re-encoding them", file=sys.stderr, flush=True)
+    fresh = {r["name"] for r in current if (out / r["name"]).is_file() and r["name"] not in broken}
     records = [done[n] for n in names if n in fresh]
     todo = [n for n in names if n not in fresh]
     if not todo:
         return records
+    integrity.verify(shards, [sources[n] for n in todo], integrity.prepare_command(shards, image_manifest))
     writer.begin(done.values())
     if backbone is None:
         backbone = VisualBackbone(vision)
@@ -162,7 +186,7 @@ def encode_shards(shards: Path, vision: VisionConfig, names: Iterable[str], *, b
             samples = _encoded(shards / name, backbone, pool, batch_size, device, bar)
             count, digest = write_shard(out / name, samples)
             record = {"name": name, "split": sources[name]["split"], "samples": count, "sha256": digest,
-                      "source_sha256": sources[name]["sha256"]}
+                      "size": (out / name).stat().st_size, "source_sha256": sources[name]["sha256"]}
             if count != sources[name]["samples"]:
                 raise FeatureCacheError(f"{shards / name}: {count} samples read, its manifest says "
                                         f"{sources[name]['samples']}")
@@ -219,7 +243,7 @@ class FeatureCache:
         """(key, json, features) for every sample of a split, in shard order."""
         for path in self.shard_paths(split):
             for sample in iter_tar(path):
-                meta, features = decode_features(sample.members)
+                meta, features = decode_features({"__url__": str(path), "__key__": sample.key, **sample.members})
                 yield sample.key, meta, features
 
 
@@ -241,14 +265,15 @@ def open_cache(shards: Path, vision: VisionConfig, model_config: str | Path | No
     manifest = json.loads((out / MANIFEST).read_text())
     if manifest.get("fingerprint") != fp or manifest.get("fingerprint_inputs") != json.loads(json.dumps(inputs)):
         raise FeatureCacheError(f"{out}: its manifest does not match this model config's encoders; rebuild with: {hint}")
-    current = {s["name"]: s["sha256"] for s in read_manifest(shards)["shards"]}
+    image_manifest = integrity.verify_shard_set(shards)  # the stream reads their json (findings filter)
+    current = {s["name"]: s["sha256"] for s in image_manifest["shards"]}
     cached = {s["name"]: s["source_sha256"] for s in manifest["shards"]}
     if current != cached:
         raise FeatureCacheError(f"{out}: the image shards in {shards} changed since this cache was built; "
                                 f"rebuild it (changed shards are re-encoded) with: {hint}")
-    missing = [s["name"] for s in manifest["shards"] if not (out / s["name"]).is_file()]
-    if missing:
-        raise FeatureCacheError(f"{out}: feature shards missing: {', '.join(missing)}; rebuild with: {hint}")
+    broken = integrity.damaged(out, manifest["shards"])
+    if broken:
+        raise FeatureCacheError(f"{integrity.describe(out, broken)}; repair with (re-encodes exactly those): {hint}")
     return FeatureCache(out, manifest)
 
 
@@ -261,8 +286,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_model_config(args.model)
-    out = build_cache(args.shards, cfg.vision, batch_size=args.batch_size, device=args.device, workers=args.workers)
+    try:
+        cfg = load_model_config(args.model)
+        out = build_cache(args.shards, cfg.vision, batch_size=args.batch_size, device=args.device,
+                          workers=args.workers)
+    except (ShardError, FeatureCacheError, ConfigError) as exc:
+        print(f"litegpt cache-features: {exc}", file=sys.stderr)
+        return 1
     manifest = json.loads((out / MANIFEST).read_text())
     counts = ", ".join(f"{split} {s['samples']}" for split, s in manifest["splits"].items())
     print(f"feature cache {out} ({counts} samples)")

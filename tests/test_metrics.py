@@ -334,7 +334,8 @@ def test_parse_rate_counts_incomplete_outputs_and_their_fragments():
         "",
     ]
     stats = metrics.parse_stats([record(str(i), "identify", o) for i, o in enumerate(outputs)])
-    assert (stats["records"], stats["complete"], stats["empty"]) == (4, 2, 1)
-    assert stats["rate"] == 0.5
+    assert (stats["records"], stats["complete"], stats["empty"]) == (4, 1, 1)
+    assert stats["rate"] == 0.25  # the empty output holds no answer: not parsed
     assert stats["top_unparsed"] == [["banana", 2], ["{<1><2><3><400>}", 1]]
-    assert [e["image_id"] for e in stats["examples"]] == ["1", "2"]
+    assert [e["image_id"] for e in stats["examples"]] == ["1", "2", "3"]
+    assert stats["examples"][2]["unparsed"] == []

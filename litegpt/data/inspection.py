@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from litegpt.data.integrity import verify_shard_set
 from litegpt.data.shards import SPLITS, ShardError, iter_samples, read_manifest
 from litegpt.labels import ALL_LABELS, LOCAL_LABELS
 
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         manifest = read_manifest(args.shards)
         print(summary(manifest))
+        verify_shard_set(args.shards, manifest=manifest)
         if args.draw:
             paths = draw_samples(args.shards, args.draw_dir or args.shards / "inspect", args.draw, args.split)
             print(f"\ndrew {len(paths)} samples with their boxes:")

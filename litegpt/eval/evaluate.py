@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from litegpt import __version__
+from litegpt.data.integrity import verify_shard_set
 from litegpt.data.shards import ShardError, read_manifest, read_samples, shard_paths
 from litegpt.eval.inference import (
     PRESETS,
@@ -102,7 +103,7 @@ def open_split(shards: Path, split: str, stage: TrainedStage,
     splits = sorted({s["split"] for s in manifest["shards"]})
     if split not in splits:
         raise EvalError(f"{shards} has no {split!r} split (its splits: {', '.join(splits) or 'none'})")
-    images = shard_paths(shards, split, manifest)
+    images = shard_paths(shards, split, verify_shard_set(shards, split, manifest))
     count = sum(s["samples"] for s in manifest["shards"] if s["split"] == split)
     note = None
     if features is not Visual.LIVE:

@@ -44,8 +44,8 @@ All rates are fractions in 0..1; CIDEr is on its own scale. Absent inputs give N
   strict.map: iou, map, per_class {label: AP} (classes with ground truth only)
   text: {identify, vqa}: rouge1, rouge2, rougeL, rougeLsum, bleu1..bleu4, meteor (None plus
       meteor_unavailable when Java cannot run it), cider, count
-  parse: {all, identify, vqa}: records, complete, empty, rate, unparsed_fragments, top_unparsed [[text, n]],
-      examples [{image_id, task, unparsed}]
+  parse: {all, identify, vqa}: records, complete (read completely, not empty), empty, rate (complete / records),
+      unparsed_fragments, top_unparsed [[text, n]], examples [{image_id, task, unparsed}] (empty outputs: unparsed [])
 """
 
 from __future__ import annotations
@@ -492,18 +492,22 @@ def text_metrics(references: Sequence[str], candidates: Sequence[str]) -> dict:
 # ---- parse rate -------------------------------------------------------------------------------------
 
 def parse_stats(records: Sequence[Prediction], top: int = TOP_UNPARSED) -> dict:
-    """Share of outputs the grammar reads completely, and the most frequent fragments it could not read."""
+    """Share of outputs the grammar reads completely, and the most frequent fragments it could not read.
+
+    An empty (or blank) output is not parsed: it holds no answer (a model with NaN weights gives nothing
+    else), so it counts against the rate; it has no fragment, and is listed in `examples` with `unparsed: []`.
+    """
     fragments: Counter = Counter()
     failed = []
     for r in records:
         unparsed = parse(r.output).unparsed
         fragments.update(unparsed)
-        if unparsed:
+        if unparsed or not r.output.strip():
             failed.append({"image_id": r.image_id, "task": r.task, "unparsed": unparsed})
     return {
         "records": len(records),
         "complete": len(records) - len(failed),
-        "empty": sum(not r.output.strip() for r in records),  # parse as complete: nothing is unreadable
+        "empty": sum(not r.output.strip() for r in records),  # counted as not parsed
         "rate": _ratio(len(records) - len(failed), len(records)),
         "unparsed_fragments": sum(fragments.values()),
         "top_unparsed": [[text, n] for text, n in fragments.most_common(top)],

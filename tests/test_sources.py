@@ -12,9 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from litegpt.data.policy import PolicyConfig
+from litegpt.data.policy import PolicyConfig, apply_policy
 from litegpt.data.prepare import PrepareConfig, plan
 from litegpt.data.sources import DatasetError, read_dataset
+from litegpt.labels import GLOBAL_LABELS, LOCAL_LABELS
 
 
 @pytest.fixture(scope="session")
@@ -116,3 +117,111 @@ def test_missing_column_stops_before_any_work(tmp_path):
 def test_not_a_dataset_root(tmp_path):
     with pytest.raises(DatasetError, match="not a VinDr-CXR root"):
         read_dataset(tmp_path)
+
+
+def test_real_vinbigdata_with_a_repeated_row_reads_as_without_it(kaggle_root, tmp_path):
+    """The real CSV has no exact repeat (so nothing changes for it); one appended repeat is used once and named."""
+    real = kaggle_root / "train.csv"
+    lines = real.read_text().splitlines(keepends=True)
+    repeated = next(n for n, line in enumerate(lines) if "No finding" not in line and n > 0)
+    (tmp_path / "train.csv").write_text("".join(lines) + lines[repeated])
+    (tmp_path / "train").symlink_to(kaggle_root / "train")
+    records, problems = read_dataset(tmp_path, "kaggle")
+    expected, _ = read_dataset(kaggle_root, "kaggle")
+    assert [(r.image_id, r.split, r.annotations) for r in records] == \
+           [(r.image_id, r.split, r.annotations) for r in expected]
+    (problem,) = problems
+    assert problem.kind == "duplicate_row" and problem.image_id == lines[repeated].split(",")[0]
+    assert problem.reason == f"train.csv: row {len(lines) + 1} repeats row {repeated + 1}; each repeated row is used once"
+
+
+# ---- the PhysioNet layout, written by hand: four CSVs and empty .dicom files (the reader only needs them to exist)
+
+BOX_HEADER = "image_id,rad_id,class_name,x_min,y_min,x_max,y_max\n"
+
+
+def label_csv(rows: list[tuple[str, str | None, dict[str, str]]], other: str) -> str:
+    """image_labels_*.csv: (image_id, rater or None for the consensus file, {label: cell}); other cells are 0."""
+    columns = [other if label == "Other disease" else label for label in LOCAL_LABELS + GLOBAL_LABELS]
+    with_rater = rows and rows[0][1] is not None
+    lines = [",".join(["image_id"] + (["rad_id"] if with_rater else []) + columns)]
+    for image_id, rater, cells in rows:
+        flags = [cells.get(label, "0") for label in LOCAL_LABELS + GLOBAL_LABELS]
+        lines.append(",".join([image_id] + ([rater] if with_rater else []) + flags))
+    return "\n".join(lines) + "\n"
+
+
+def physionet(root: Path, train_boxes: str, train_labels: list, test_boxes: str, test_labels: list) -> Path:
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "annotations_train.csv").write_text(BOX_HEADER + train_boxes)
+    (root / "annotations" / "annotations_test.csv").write_text(BOX_HEADER + test_boxes)
+    (root / "annotations" / "image_labels_train.csv").write_text(label_csv(train_labels, "Other diseases"))
+    (root / "annotations" / "image_labels_test.csv").write_text(label_csv(test_labels, "Other disease"))
+    for split, text in (("train", train_boxes), ("test", test_boxes)):
+        (root / split).mkdir()
+        for image_id in {line.split(",")[0] for line in text.splitlines()}:
+            (root / split / f"{image_id}.dicom").touch()
+    return root
+
+
+def nothing(image_id: str, raters: tuple[str, ...] = ("R1",)) -> str:
+    return "".join(f"{image_id},{r},No finding,,,,\n" for r in raters)
+
+
+def test_label_flags_are_read_as_written(tmp_path):
+    written = {"a": "1", "b": "1.0", "c": "yes", "d": "True", "e": " no ", "f": "0.0"}
+    root = physionet(tmp_path, "".join(nothing(i) for i in written), [(i, "R1", {"COPD": v}) for i, v in written.items()],
+                     nothing("t"), [("t", None, {})])
+    records, problems = read_dataset(root, "physionet")
+    assert problems == []
+    assert {r.image_id: r.global_labels["R1"] for r in records if r.split == "train"} == \
+           {"a": {"COPD"}, "b": {"COPD"}, "c": {"COPD"}, "d": {"COPD"}, "e": set(), "f": set()}
+
+
+@pytest.mark.parametrize("cell", ["maybe", "2", "0.5", "", "Y", "-1", "nan"])
+def test_a_label_flag_that_is_not_0_or_1_removes_the_image_naming_file_row_and_value(tmp_path, cell):
+    root = physionet(tmp_path, nothing("a") + nothing("b"), [("a", "R1", {}), ("b", "R1", {"Pneumonia": cell})],
+                     nothing("t"), [("t", None, {})])
+    records, problems = read_dataset(root, "physionet")
+    assert sorted(r.image_id for r in records) == ["a", "t"]
+    (problem,) = problems
+    assert (problem.image_id, problem.split, problem.kind) == ("b", "train", "bad_annotation")
+    shown = repr(cell) if cell not in ("", "nan") else "empty"  # pandas reads an empty cell and 'nan' as missing
+    assert problem.reason.startswith(f"image_labels_train.csv row 3: column 'Pneumonia': value {shown} is not")
+
+
+def test_repeated_consensus_rows_are_used_once_and_reported(tmp_path):
+    box = "t,,Cardiomegaly,10,20,30,40\n"
+    root = physionet(tmp_path, nothing("a"), [("a", "R1", {})],
+                     box + "t,,Nodule/Mass,1,2,3,4\n" + box,  # rows 2 and 4 are the same consensus box
+                     [("t", None, {"COPD": "1"}), ("t", None, {"COPD": "1"})])
+    records, problems = read_dataset(root, "physionet")
+    (test,) = [r for r in records if r.split == "test"]
+    assert sorted(a.label for a in test.annotations) == ["Cardiomegaly", "Nodule/Mass"]
+    assert apply_policy(test, PolicyConfig()).findings == [("Cardiomegaly", (10.0, 20.0, 30.0, 40.0)),
+                                                          ("Nodule/Mass", (1.0, 2.0, 3.0, 4.0))]
+    assert test.global_labels == {"consensus": {"COPD"}}
+    assert [(p.image_id, p.split, p.kind, p.reason) for p in problems] == [
+        ("t", "test", "duplicate_row", "annotations_test.csv: row 4 repeats row 2; each repeated row is used once"),
+        ("t", "test", "duplicate_row", "image_labels_test.csv: row 3 repeats row 2; each repeated row is used once"),
+    ]
+
+
+def test_two_different_label_rows_of_one_rater_remove_the_image(tmp_path):
+    root = physionet(tmp_path, nothing("a", ("R1", "R2")), [("a", "R1", {}), ("a", "R2", {}), ("a", "R1", {"COPD": "1"})],
+                     nothing("t"), [("t", None, {}), ("t", None, {"Tuberculosis": "1"})])
+    records, problems = read_dataset(root, "physionet")
+    assert records == []
+    assert {(p.image_id, p.reason) for p in problems} == {
+        ("a", "image_labels_train.csv row 4: gives rater R1's labels for image a again, differently from row 2"),
+        ("t", "image_labels_test.csv row 3: gives the consensus's labels for image t again, differently from row 2"),
+    }
+
+
+def test_kaggle_repeated_row_is_used_once(tmp_path):
+    row = "a,Cardiomegaly,3,R1,1,1,5,5\n"
+    root = kaggle(tmp_path, row + "a,Cardiomegaly,3,R2,1,1,5,5\n" + row.replace(",1,1,", ",1.0,1,"),
+                  files=("a",))
+    (record,), (problem,) = read_dataset(root, "kaggle", holdout=0.5)
+    assert [a.rater for a in record.annotations] == ["R1", "R2"]  # another rater's identical box is not a repeat
+    assert (problem.kind, problem.reason) == ("duplicate_row", "train.csv: row 4 repeats row 2; each repeated row is used once")

@@ -3,6 +3,9 @@
 A reader turns a dataset root into `ImageRecord`s (one per image, every rater's annotations attached,
 coordinates still in original pixels) and a list of `Problem`s for what it could not use. It validates
 the CSVs' columns before anything else, so a wrong file stops the run at once with the column named.
+A value it cannot read (a label flag that is not 0/1, a box that is not a box) removes that image with
+file, row and value named; it never becomes a default. A row that exactly repeats an earlier one is used
+once and reported: consensus rows (PhysioNet test) are taken as given, so a repeat would double a box.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from litegpt.labels import GLOBAL_LABELS, KAGGLE_CLASSES, LOCAL_LABELS, NO_FINDI
 
 BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
 CONSENSUS = "consensus"  # rater name used where a CSV gives consensus labels with no rater column
+# Label flags: VinDr writes 0/1 (0.0/1.0 after a spreadsheet round trip); these words (any case) are read
+# too because their meaning is unambiguous (pandas writes booleans as True/False). Anything else is refused.
+FLAG_WORDS = {"true": True, "false": False, "yes": True, "no": False}
 
 
 class DatasetError(ValueError):
@@ -48,11 +54,14 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class Problem:
-    """Something in the input that could not be used; it becomes a `dropped` entry of the manifest."""
+    """Something in the input that could not be used; it becomes a `dropped` entry of the manifest.
+
+    For `duplicate_row` what is dropped is a CSV row that repeats an earlier one; the image is kept.
+    """
 
     image_id: str
     split: str
-    kind: str  # missing_file | bad_annotation | bad_dicom | label_policy
+    kind: str  # missing_file | bad_annotation | bad_dicom | label_policy | duplicate_row
     reason: str
 
     def as_dict(self) -> dict:
@@ -92,11 +101,13 @@ def holdout_split(image_id: str, fraction: float) -> str:
     return "test" if digest / 2**64 < fraction else "train"
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+def _read_csv(path: Path, required: tuple[str, ...], as_text: bool = False) -> pd.DataFrame:
+    """The CSV with its columns checked; `as_text` keeps every cell as written (empty cells are NaN)."""
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     try:
-        frame = pd.read_csv(path, dtype={"image_id": str, "rad_id": str, "rad_ID": str, "class_name": str})
+        dtype = str if as_text else {"image_id": str, "rad_id": str, "rad_ID": str, "class_name": str}
+        frame = pd.read_csv(path, dtype=dtype)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise DatasetError(f"{path}: not a readable CSV ({exc})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
@@ -109,11 +120,14 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
 
 
 def _parse_box_rows(
-    frame: pd.DataFrame, path: Path, split: str, default_rater: str | None, class_names: dict[int, str] | None = None
-) -> tuple[dict[str, list[Annotation]], dict[str, str]]:
-    """Annotations per image id, and per image id the first reason it cannot be used (bad rows)."""
+    frame: pd.DataFrame, path: Path, default_rater: str | None, class_names: dict[int, str] | None = None
+) -> tuple[dict[str, list[Annotation]], dict[str, str], dict[str, list[str]]]:
+    """Annotations per image id; per image id the first reason it cannot be used (bad rows); per image id
+    the rows that repeat an earlier row's rater, label and box (left out)."""
     by_image: dict[str, list[Annotation]] = {}
     bad: dict[str, str] = {}
+    first: dict[tuple, int] = {}
+    repeats: dict[str, list[str]] = {}
     has_rater = "rad_id" in frame.columns
     for line, row in zip(range(2, len(frame) + 2), frame.itertuples(index=False)):
         image_id = str(row.image_id).strip()
@@ -133,8 +147,52 @@ def _parse_box_rows(
         except (UnknownLabel, ValueError, TypeError) as exc:
             bad.setdefault(image_id, f"{where}: {exc}")
             continue
+        earlier = first.setdefault((image_id, rater, label, box), line)
+        if earlier != line:
+            repeats.setdefault(image_id, []).append(f"row {line} repeats row {earlier}")
+            continue
         by_image.setdefault(image_id, []).append(Annotation(rater, label, box, path.name, line))
-    return by_image, bad
+    return by_image, bad, repeats
+
+
+def _parse_label_rows(
+    frame: pd.DataFrame, path: Path, consensus: bool
+) -> tuple[dict[str, dict[str, set[str]]], dict[str, str], dict[str, list[str]]]:
+    """Per image id and rater the global labels flagged 1; per image id the first bad row; per image id the
+    rows that exactly repeat an earlier row of the same rater. Two different rows of one rater are bad."""
+    by_image: dict[str, dict[str, set[str]]] = {}
+    bad: dict[str, str] = {}
+    first: dict[tuple[str, str], tuple[int, tuple]] = {}
+    repeats: dict[str, list[str]] = {}
+    has_rater = "rad_id" in frame.columns and not consensus
+    for line, row in zip(range(2, len(frame) + 2), frame.itertuples(index=False)):
+        values = dict(zip(frame.columns, row))
+        image_id = str(values["image_id"]).strip()
+        rater = str(values["rad_id"]).strip() if has_rater else CONSENSUS
+        where = f"{path.name} row {line}"
+        try:
+            chosen = {g for g in GLOBAL_LABELS if _flag(values[g], g)}
+        except ValueError as exc:
+            bad.setdefault(image_id, f"{where}: {exc}")
+            continue
+        earlier, cells = first.setdefault((image_id, rater), (line, row))
+        if earlier == line:
+            by_image.setdefault(image_id, {})[rater] = chosen
+        elif all(a == b or (_isnan(a) and _isnan(b)) for a, b in zip(cells, row)):  # empty cells are NaN
+            repeats.setdefault(image_id, []).append(f"row {line} repeats row {earlier}")
+        else:
+            who = "the consensus" if rater == CONSENSUS else f"rater {rater}"
+            bad.setdefault(image_id, f"{where}: gives {who}'s labels for image {image_id} again, "
+                                     f"differently from row {earlier}")
+    return by_image, bad, repeats
+
+
+def _repeat_problem(image_id: str, split: str, file: str, repeats: dict[str, list[str]]) -> list[Problem]:
+    """The `duplicate_row` problem of one image in one CSV, if it has repeated rows."""
+    if image_id not in repeats:
+        return []
+    return [Problem(image_id, split, "duplicate_row", f"{file}: {', '.join(repeats[image_id])}; "
+                                                      "each repeated row is used once")]
 
 
 def _valid_box(coords: list) -> tuple[float, float, float, float]:
@@ -162,23 +220,19 @@ def _read_physionet(root: Path) -> tuple[list[ImageRecord], list[Problem]]:
     # Validate all four CSVs before any work, so a wrong file stops the run with the column named.
     for split in ("train", "test"):
         boxes = _read_csv(ann_dir / f"annotations_{split}.csv", ("image_id", "class_name") + BOX_COLUMNS)
-        labels = _read_csv(ann_dir / f"image_labels_{split}.csv", ("image_id",))
+        labels = _read_csv(ann_dir / f"image_labels_{split}.csv", ("image_id",), as_text=True)
         labels = labels.rename(columns={c: canonical_label(c) for c in labels.columns if _is_label(c)})
         missing = [c for c in label_columns if c not in labels.columns]
         if missing:
             raise DatasetError(f"{ann_dir / f'image_labels_{split}.csv'}: missing required column(s) {', '.join(missing)}")
         frames[split] = (boxes, labels)
     for split, (boxes, labels) in frames.items():
-        box_path = ann_dir / f"annotations_{split}.csv"
+        box_path, label_path = ann_dir / f"annotations_{split}.csv", ann_dir / f"image_labels_{split}.csv"
         consensus = split == "test"
-        by_image, bad = _parse_box_rows(boxes, box_path, split, CONSENSUS if consensus else None)
-        global_by_image: dict[str, dict[str, set[str]]] = {}
-        has_rater = "rad_id" in labels.columns and not consensus
-        for row in labels.itertuples(index=False):
-            values = dict(zip(labels.columns, row))
-            rater = str(values["rad_id"]).strip() if has_rater else CONSENSUS
-            chosen = {g for g in GLOBAL_LABELS if _flag(values[g])}
-            global_by_image.setdefault(str(values["image_id"]).strip(), {})[rater] = chosen
+        by_image, bad, box_repeats = _parse_box_rows(boxes, box_path, CONSENSUS if consensus else None)
+        global_by_image, bad_labels, label_repeats = _parse_label_rows(labels, label_path, consensus)
+        for image_id, reason in bad_labels.items():
+            bad.setdefault(image_id, reason)
         ids = sorted(set(by_image) | set(bad) | set(global_by_image))
         files = {p.stem: p for p in (root / split).glob("*.dicom")} if (root / split).is_dir() else {}
         for image_id in ids:
@@ -194,6 +248,8 @@ def _read_physionet(root: Path) -> tuple[list[ImageRecord], list[Problem]]:
             else:
                 records.append(ImageRecord(image_id, split, path, by_image[image_id],
                                            global_by_image.get(image_id, {}), consensus))
+                problems += _repeat_problem(image_id, split, box_path.name, box_repeats)
+                problems += _repeat_problem(image_id, split, label_path.name, label_repeats)
         for orphan in sorted(set(files) - set(ids)):
             problems.append(Problem(orphan, split, "bad_annotation",
                                     f"{split}/{orphan}.dicom has no row in {box_path.name}"))
@@ -208,11 +264,20 @@ def _is_label(column: str) -> bool:
         return False
 
 
-def _flag(value) -> bool:
+def _flag(value: object, column: str) -> bool:
+    """One label cell, read as text: 0 or 1 as a number (0, 1, 0.0, 1.0) or a FLAG_WORDS word; else ValueError."""
+    text = value.strip() if isinstance(value, str) else ""
+    if text.lower() in FLAG_WORDS:
+        return FLAG_WORDS[text.lower()]
     try:
-        return float(value) >= 0.5
-    except (TypeError, ValueError):
-        return False
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if number in (0.0, 1.0):
+        return number == 1.0
+    shown = repr(value) if isinstance(value, str) else "empty"
+    raise ValueError(f"column {column!r}: value {shown} is not a label flag "
+                     f"(expected 0 or 1, 0.0 or 1.0, true/false or yes/no)")
 
 
 def _read_kaggle(root: Path, holdout: float) -> tuple[list[ImageRecord], list[Problem]]:
@@ -220,7 +285,7 @@ def _read_kaggle(root: Path, holdout: float) -> tuple[list[ImageRecord], list[Pr
         raise DatasetError(f"--holdout must be a fraction between 0 and 1, got {holdout}")
     path = root / "train.csv"
     frame = _read_csv(path, ("image_id", "class_name", "class_id", "rad_id") + BOX_COLUMNS)
-    by_image, bad = _parse_box_rows(frame, path, "train", None, dict(enumerate(KAGGLE_CLASSES)))
+    by_image, bad, repeats = _parse_box_rows(frame, path, None, dict(enumerate(KAGGLE_CLASSES)))
     files = {p.stem: p for p in (root / "train").glob("*.dicom")} if (root / "train").is_dir() else {}
     records: list[ImageRecord] = []
     problems: list[Problem] = []
@@ -233,6 +298,7 @@ def _read_kaggle(root: Path, holdout: float) -> tuple[list[ImageRecord], list[Pr
             problems.append(Problem(image_id, split, "bad_annotation", bad[image_id]))
         else:
             records.append(ImageRecord(image_id, split, files[image_id], by_image[image_id], None, False))
+            problems += _repeat_problem(image_id, split, path.name, repeats)
     for orphan in sorted(set(files) - set(by_image) - set(bad)):
         problems.append(Problem(orphan, holdout_split(orphan, holdout), "bad_annotation",
                                 f"train/{orphan}.dicom has no row in {path.name}"))

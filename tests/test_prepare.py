@@ -156,8 +156,8 @@ def test_interrupted_run_leaves_no_complete_looking_shard_and_resumes(prepared, 
     assert json.loads((tmp_path / "manifest.json").read_text()) == read_manifest(prepared)
     assert not (tmp_path / ".partial").exists()
 
-    # other parameters: the old shards are replaced, nothing stale survives
-    prepare(PrepareConfig(root=synth_root, out=tmp_path, samples_per_shard=100, workers=1))
+    # other parameters (asked for): the old shards are replaced, nothing stale survives
+    prepare(PrepareConfig(root=synth_root, out=tmp_path, samples_per_shard=100, workers=1, overwrite=True))
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["test-000000.tar", "train-000000.tar"]
 
 

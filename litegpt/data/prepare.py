@@ -3,8 +3,11 @@
 Flow: read the CSVs (sources) -> combine raters (policy) -> cut the surviving images into shards in
 (split, image_id) order -> convert DICOMs in worker processes -> the main process writes each shard in
 order (so the bytes never depend on the worker count) -> manifest.json last. A shard's record is kept in
-`.partial/` as soon as it is written, so a re-run with the same inputs and parameters resumes; with
-different ones it starts over.
+`.partial/` as soon as it is written, so a re-run with the same inputs and parameters resumes, and one
+over a complete, verified set changes nothing. Over a complete set made with other parameters (or from
+another root) it is refused unless `--overwrite`; over an incomplete one, or when only the input files
+changed, it starts over. Only prepare's own files in `--out` are ever deleted (`shards.ShardSetWriter`),
+and a shard only once its replacement is written (or, at the end, when the new set has no such shard).
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ from litegpt.data.dicom import ConvertConfig, DicomError, convert_dicom
 from litegpt.data.policy import Conflict, Labels, PolicyConfig, apply_policy
 from litegpt.data.shards import (
     FORMAT,
+    INPUTS,
     MANIFEST,
     SPLITS,
     Sample,
+    ShardError,
     ShardSetWriter,
     iter_json,
     png_bytes,
+    read_manifest,
     shard_name,
     write_shard,
 )
@@ -57,9 +63,10 @@ class PrepareConfig:
     png_compress_level: int = 1
     workers: int = os.cpu_count() or 1
     max_bad: int | None = None
+    overwrite: bool = False  # replace a complete set made with other parameters
 
     def params(self) -> dict:
-        """Everything that changes the shards' bytes (not root/out/workers/max_bad)."""
+        """Everything that changes the shards' bytes (not root/out/workers/max_bad/overwrite)."""
         return {
             "layout": self.layout, "holdout": self.holdout, "max_side": self.convert.max_side,
             "conversion": self.convert.method, "label_policy": self.policy.policy,
@@ -177,22 +184,70 @@ def _results(jobs: list[ImageJob], cfg: PrepareConfig) -> Iterator[Result]:
                 future.cancel()
 
 
+class Refused(ValueError):
+    """An --out that prepare may not write into as asked (exit 2): nothing has been changed."""
+
+
+def existing_set(cfg: PrepareConfig) -> dict | None:
+    """The manifest of the complete set in --out, None if there is none; refuses an --out that is not a
+    directory, or whose manifest.json is unreadable or not a shard set's (with --overwrite, the latter is
+    removed: the set it claims to describe is replaced)."""
+    for path in (cfg.out, *cfg.out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise Refused(f"--out {cfg.out}: {path} is a file, not a directory")
+            break
+    path = cfg.out / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = read_manifest(cfg.out)
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or INPUTS not in manifest:
+            raise ShardError(f"{path}: not a {FORMAT} shard-set manifest")
+    except ShardError as exc:
+        if not cfg.overwrite:
+            raise Refused(f"{exc}; prepare does not replace a set it cannot read: move the file away, "
+                          "or pass --overwrite to rebuild the set") from None
+        path.unlink()
+        return None
+    return manifest
+
+
+def refuse_replacing(old: dict | None, cfg: PrepareConfig, fingerprint: str) -> None:
+    """A complete set made with other parameters or from another root is only replaced with --overwrite."""
+    if old is None or cfg.overwrite or old[INPUTS] == fingerprint:
+        return
+    before, now = old.get("params", {}), cfg.params()
+    changed = [f"{k} {before.get(k)} -> {now.get(k)}" for k in sorted(before.keys() | now.keys())
+               if before.get(k) != now.get(k)]
+    root = old.get("source", {}).get("root")
+    if root is None or Path(root).resolve() != cfg.root.resolve():
+        changed.insert(0, f"root {root} -> {cfg.root}")
+    if changed:
+        raise Refused(f"{cfg.out} holds a complete shard set made with other parameters ({'; '.join(changed)}); "
+                      "pass --overwrite to replace it, or choose another --out")
+
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Build (or finish) the shard set; returns the manifest."""
     if cfg.layout == "auto":
         cfg = replace(cfg, layout=detect_layout(cfg.root))
+    old = existing_set(cfg)
     records, problems = read_dataset(cfg.root, cfg.layout, cfg.holdout)
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # decoder tracebacks for files we skip and list anyway
     jobs, policy_drops = plan(records, cfg)
     fingerprint = inputs_fingerprint(jobs, cfg)
+    refuse_replacing(old, cfg, fingerprint)
     cfg.out.mkdir(parents=True, exist_ok=True)
     writer = ShardSetWriter(cfg.out, fingerprint, _manifest_records)
     done = {name: r for name, r in writer.records().items()  # verified: a shard may have changed since
             if (cfg.out / name).is_file() and sha256_file(cfg.out / name) == r["sha256"]}
-    writer.clear_stale(keep=set(done))
+    shards = chunk(jobs, cfg.samples_per_shard)
+    if old is not None and old[INPUTS] == fingerprint and done.keys() == {n for n, _ in shards}:
+        return old  # complete and verified: nothing is written (a read-only copy works too)
+    writer.forget(keep=done)
     writer.begin(done.values())
 
-    shards = chunk(jobs, cfg.samples_per_shard)
     bad = [p for p in problems if p.kind != "label_policy"]
     for record in done.values():
         bad.extend(Problem(d["image_id"], d["split"], d["kind"], d["reason"]) for d in record["dropped"])
@@ -293,6 +348,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
     parser.add_argument("--max-bad", type=int, default=None,
                         help="fail when more than this many inputs are unusable (default: no limit; all are listed)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a complete shard set in --out made with other parameters (refused without)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -304,11 +361,19 @@ def run(args: argparse.Namespace) -> int:
         convert=ConvertConfig(max_side=args.max_side, method=args.conversion),
         policy=PolicyConfig(args.label_policy, args.iou_threshold, args.box_merge),
         samples_per_shard=args.samples_per_shard, workers=args.workers, max_bad=args.max_bad,
+        overwrite=args.overwrite,
     )
     try:
         manifest = prepare(cfg)
+    except Refused as exc:
+        print(f"litegpt prepare: {exc}", file=sys.stderr)
+        return 2
     except (DatasetError, TooManyBad) as exc:
         print(f"litegpt prepare: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk, a read-only file system: what is written stays, and resumes
+        print(f"litegpt prepare: {exc.filename or cfg.out}: {exc.strerror or exc}; the shards finished so far "
+              "are kept and the same command resumes", file=sys.stderr)
         return 1
     counts = {split: stats["samples"] for split, stats in manifest["splits"].items()}
     total = sum(counts.values())

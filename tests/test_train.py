@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,6 +216,36 @@ def test_resuming_with_another_world_size_is_refused(recipes, two_rank_run):
     done = run(recipes["stage1"], 1, "train.epochs=7", check=False)
     assert done.returncode == 2
     assert "written by 2 ranks, this run has 1" in done.stderr or "different recipe" in done.stderr
+
+
+def test_resuming_on_re_prepared_shards_is_refused_naming_the_change(recipes, prepared, synth_root, two_rank_run):
+    """Same recipe, same shard directory, re-prepared with another label policy: refused before anything is built."""
+    from litegpt.data.policy import PolicyConfig
+    from litegpt.data.prepare import PrepareConfig, prepare
+
+    root = recipes["root"]
+    shards = root / "redata-shards"
+    shutil.copytree(prepared, shards)  # with its feature cache: the run below encodes nothing
+    data = yaml.safe_load(recipes["stage1"].read_text())
+    data["run"]["dir"] = str(root / "runs/redata")
+    data["data"]["shards"] = str(shards)
+    data["train"]["max_steps"] = 2
+    recipe = root / "redata.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    run(recipe, 1)
+    before = (root / "runs/redata/stage1/metrics.jsonl").read_text()
+
+    prepare(PrepareConfig(root=synth_root, out=root / "union-shards", samples_per_shard=8, workers=1,
+                          policy=PolicyConfig("union")))
+    shutil.rmtree(shards)
+    (root / "union-shards").rename(shards)
+    done = run(recipe, 1, check=False)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"train.py: {root}/runs/redata/stage1/checkpoints/step00000002 was trained on other data (the shards of split "
+        "'train' differ: re-prepared with label_policy 'drop' -> 'union'): use a new run.dir, or --resume none to "
+        "start over, or restore the data it was trained on to continue it"]
+    assert (root / "runs/redata/stage1/metrics.jsonl").read_text() == before
 
 
 def test_bad_configs_are_one_clear_message(recipes, tmp_path):

@@ -35,7 +35,7 @@ def _at_least(low: int) -> dict:
     return _rule(lambda v: math.isfinite(v) and v >= low, f">= {low}")
 
 
-POSITIVE = _rule(lambda v: math.isfinite(v) and v > 0, "> 0 (and finite)")
+_POSITIVE = _rule(lambda v: math.isfinite(v) and v > 0, "> 0 (and finite)")
 
 
 @dataclass(frozen=True)
@@ -72,15 +72,15 @@ class TrainSection:
     grad_accum: int = field(default=1, metadata=_at_least(1))
     epochs: int = field(default=1, metadata=_at_least(1))
     max_steps: int | None = field(default=None, metadata=_at_least(1))  # optimizer steps; caps the epochs
-    precision: str = field(default="auto", metadata=_rule(lambda v: v in ("auto", "bf16", "fp32"),
-                                                          "auto, bf16 or fp32"))  # auto: bf16 on a GPU that has it
+    # auto: bf16 on a GPU that has it, else fp32
+    precision: str = field(default="auto", metadata=_rule(lambda v: v in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"))
     # this many non-finite steps in a row stop the run (0 would stop it after its first step)
     max_nonfinite: int = field(default=5, metadata=_at_least(1))
 
 
 @dataclass(frozen=True)
 class OptimSection:
-    lr: float = field(default=1e-5, metadata=POSITIVE)
+    lr: float = field(default=1e-5, metadata=_POSITIVE)
     min_lr: float = field(default=1e-5, metadata=_at_least(0))  # the cosine's floor
     warmup_lr: float = field(default=1e-5, metadata=_at_least(0))  # the linear warmup's start
     warmup_steps: int = field(default=1000, metadata=_at_least(0))
@@ -99,7 +99,7 @@ class CheckpointSection:
 class LogSection:
     every: int = field(default=10, metadata=_at_least(1))  # optimizer steps
     # per device, for MFU; None: looked up from the device name
-    peak_tflops: float | None = field(default=None, metadata=POSITIVE)
+    peak_tflops: float | None = field(default=None, metadata=_POSITIVE)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, json.JSONDecodeError, ValueError) as exc:
         return refuse(exc)
 
+    from litegpt.data.shards import ShardError
+    from litegpt.features import FeatureCacheError
+    from litegpt.model.export import ExportError
     from litegpt.train.checkpoint import ResumeError, check_resume
     from litegpt.train.launch import build_trainer, start_ranks
 
@@ -60,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = build_trainer(recipe, rank, world, resume=args.resume == "auto", preemption=preemption,
                                 inject_nonfinite=args.inject_nonfinite)
-    except (ConfigError, ResumeError) as exc:
+    except (ConfigError, ResumeError, ShardError, FeatureCacheError) as exc:
         return refuse(exc)
     code = trainer.fit()
-    if code is ExitCode.DONE:
-        trainer.export()
+    try:
+        if code is ExitCode.DONE:
+            trainer.export()
+    except ExportError as exc:  # non-finite weights: the previous export is kept
+        print(f"train.py: {exc}", file=sys.stderr)
+        code = ExitCode.NONFINITE
     trainer.close()
     return code
 

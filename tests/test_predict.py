@@ -80,7 +80,7 @@ def test_boxes_come_back_in_original_pixels_with_their_confidence(stage, tmp_pat
         assert source is Visual.LIVE and set(visual[0]) == set(model.encoder_names)  # live encoder inputs
         return [Generation(text, ids, tokenizer.convert_ids_to_tokens(ids), probs)]
 
-    monkeypatch.setattr(predict, "generate", fake_generate)
+    monkeypatch.setattr(predict.inference, "generate", fake_generate)
     overlay = tmp_path / "boxes.png"
     code, out, _ = run_predict(capsys, str(RADIOGRAPH), "--run", str(stage), "--task", "identify",
                                "--out", str(overlay))

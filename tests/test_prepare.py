@@ -186,3 +186,22 @@ def test_inspect_summarises_and_draws(prepared, tmp_path):
     x0, y0, x1, y1 = finding["box"]
     edge = picture[int((y0 + y1) / 2 * h), int(round(x0 * w))]  # the left edge of the box, halfway down
     assert tuple(edge) == label_colour(finding["label"])
+
+
+def test_max_pixels_drops_larger_dicoms_before_decoding_and_lists_them(synth_root, tmp_path):
+    """--max-pixels: the DICOMs whose header claims more values (by pydicom's reading of the header) are
+    dropped and listed, the rest converted; the limit is one of the shard set's parameters."""
+    sizes = {}
+    for path in sorted(synth_root.glob("*/*.dicom")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        sizes[path.stem] = ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * int(ds.get("NumberOfFrames", 1))
+    limit = sorted(sizes.values())[len(sizes) // 2]
+    out = tmp_path / "out"
+    assert cli(["prepare", "--root", str(synth_root), "--out", str(out), "--workers", "1",
+                "--max-pixels", str(limit)]) == 0
+    manifest = read_manifest(out)
+    refused = {d["image_id"] for d in manifest["dropped"] if "refused before decoding" in d["reason"]}
+    not_converted = {d["image_id"] for d in manifest["dropped"] if d["kind"] == "label_policy"}  # never decoded
+    assert refused == {image_id for image_id, n in sizes.items() if n > limit} - not_converted != set()
+    assert manifest["params"]["max_pixels"] == limit
+    assert cli(["prepare", "--root", str(synth_root), "--out", str(tmp_path / "x"), "--max-pixels", "0"]) == 2

@@ -28,7 +28,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from litegpt import __version__
-from litegpt.data.dicom import ConvertConfig, DicomError, convert_dicom
+from litegpt.data.dicom import MAX_PIXELS, ConvertConfig, DicomError, convert_dicom
 from litegpt.data.policy import Conflict, Labels, PolicyConfig, apply_policy
 from litegpt.data.shards import (
     FORMAT,
@@ -72,6 +72,8 @@ class PrepareConfig:
             "conversion": self.convert.method, "label_policy": self.policy.policy,
             "iou_threshold": self.policy.iou_threshold, "box_merge": self.policy.box_merge,
             "samples_per_shard": self.samples_per_shard, "png_compress_level": self.png_compress_level,
+            # only when set: sets prepared before the limit existed stay valid (the default admits every VinDr image)
+            **({"max_pixels": self.convert.max_pixels} if self.convert.max_pixels != MAX_PIXELS else {}),
         }
 
 
@@ -248,7 +250,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     writer.forget(keep=done)
     writer.begin(done.values())
 
-    bad = [p for p in problems if p.kind != "label_policy"]
+    bad = [p for p in problems if p.kind not in ("label_policy", "duplicate_row")]  # duplicates lose nothing
     for record in done.values():
         bad.extend(Problem(d["image_id"], d["split"], d["kind"], d["reason"]) for d in record["dropped"])
     todo = [(name, members) for name, members in shards if name not in done]
@@ -348,17 +350,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
     parser.add_argument("--max-bad", type=int, default=None,
                         help="fail when more than this many inputs are unusable (default: no limit; all are listed)")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help=f"refuse a DICOM whose header claims more pixel values, before decoding it (default "
+                             f"{MAX_PIXELS:,} = 8192 x 8192)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a complete shard set in --out made with other parameters (refused without)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.samples_per_shard < 1 or args.workers < 1 or args.max_side < 8:
-        print("litegpt prepare: --samples-per-shard and --workers must be >= 1, --max-side >= 8", file=sys.stderr)
+    if args.samples_per_shard < 1 or args.workers < 1 or args.max_side < 8 or args.max_pixels < 1:
+        print("litegpt prepare: --samples-per-shard, --workers and --max-pixels must be >= 1, --max-side >= 8",
+              file=sys.stderr)
         return 2
     cfg = PrepareConfig(
         root=args.root, out=args.out, layout=args.layout, holdout=args.holdout,
-        convert=ConvertConfig(max_side=args.max_side, method=args.conversion),
+        convert=ConvertConfig(max_side=args.max_side, method=args.conversion, max_pixels=args.max_pixels),
         policy=PolicyConfig(args.label_policy, args.iou_threshold, args.box_merge),
         samples_per_shard=args.samples_per_shard, workers=args.workers, max_bad=args.max_bad,
         overwrite=args.overwrite,

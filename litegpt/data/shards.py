@@ -112,26 +112,31 @@ def iter_tar(path: Path, extensions: Container[str] | None = None) -> Iterator[S
     json is wanted).
     """
     key, members = None, {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name_key, _, ext = member.name.partition(".")
-            if name_key != key:
-                if key is not None:
-                    yield Sample(sample_key(key), members)
-                key, members = name_key, {}
-            if extensions is None or ext in extensions:
-                members[ext] = tar.extractfile(member).read()
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name_key, _, ext = member.name.partition(".")
+                if name_key != key:
+                    if key is not None:
+                        yield Sample(sample_key(key), members)
+                    key, members = name_key, {}
+                if extensions is None or ext in extensions:
+                    members[ext] = tar.extractfile(member).read()
+    except tarfile.TarError as exc:  # damaged after it was verified (or never verified): name the file
+        raise ShardError(f"{path}: not a readable shard tar ({exc}); `litegpt inspect {Path(path).parent}` checks "
+                         "the set and prints the command that repairs it") from None
     if key is not None:
         yield Sample(sample_key(key), members)
 
 
 def read_samples(paths: Iterable[Path]) -> Iterator[dict]:
-    """Undecoded samples of several tars in order, as webdataset spells them: {"__key__": key, ext: bytes}."""
+    """Undecoded samples of several tars in order, as webdataset spells them:
+    {"__key__": key, "__url__": the tar's path, ext: bytes}."""
     for path in paths:
         for sample in iter_tar(path):
-            yield {"__key__": sample.key, **sample.members}
+            yield {"__key__": sample.key, "__url__": str(path), **sample.members}
 
 
 def iter_json(path: Path) -> Iterator[dict]:

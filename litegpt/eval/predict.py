@@ -24,18 +24,8 @@ from PIL import Image
 
 from litegpt.data.dicom import MAX_PIXELS, ConvertConfig, ConvertedImage, DicomError, convert_dicom, convert_image_file
 from litegpt.data.inspection import draw_boxes
-from litegpt.eval.inference import (
-    Decoding,
-    EvalError,
-    TrainedStage,
-    add_generation_arguments,
-    box_scores,
-    decoding_from_args,
-    generate,
-    inference_device,
-    load_model,
-    load_stage,
-)
+from litegpt.eval import inference
+from litegpt.eval.inference import Decoding, TrainedStage
 from litegpt.grammar import TASKS, parse
 from litegpt.labels import GLOBAL_LABELS
 from litegpt.model.config import ConfigError, Visual
@@ -58,9 +48,9 @@ def predict(model, stage: TrainedStage, image: ConvertedImage, tasks: Sequence[s
     result: dict = {"findings": [], "diagnoses": [], "text": {}, "unparsed": []}
     labels: set[str] = set()
     for task in tasks:
-        (generation,) = generate(model, stage, task, ["input"], [pixels], Visual.LIVE, decoding, chunk=0)
+        (generation,) = inference.generate(model, stage, task, ["input"], [pixels], Visual.LIVE, decoding, chunk=0)
         parsed = parse(generation.text)
-        for (label, box), confidence in zip(parsed.findings, box_scores(model.tokenizer, generation)):
+        for (label, box), confidence in zip(parsed.findings, inference.box_scores(model.tokenizer, generation)):
             norm = [v / 100 for v in box]
             scale = (image.cols, image.rows, image.cols, image.rows)
             result["findings"].append({"label": label, "box_norm": norm,
@@ -83,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                         help=f"refuse a DICOM claiming more values (rows x columns x samples x frames) before "
                              f"decoding it (default {MAX_PIXELS:,}, 8192 x 8192)")
-    add_generation_arguments(parser)
+    inference.add_generation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,12 +81,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"litegpt predict: --max-pixels must be >= 1, got {args.max_pixels}", file=sys.stderr)
         return 2
     try:
-        decoding = decoding_from_args(args)
+        decoding = inference.decoding_from_args(args)
         image = convert(args.file, args.max_side, args.max_pixels)
-        stage = load_stage(args.run)
+        stage = inference.load_stage(args.run)
         tasks = stage.tasks if args.task is None else TASKS if args.task == "both" else (args.task,)
-        model = load_model(stage, with_encoders=True, device=inference_device())
-    except (DicomError, EvalError, ConfigError, FileNotFoundError) as exc:
+        model = inference.load_model(stage, with_encoders=True, device=inference.inference_device())
+    except (DicomError, inference.EvalError, ConfigError, FileNotFoundError) as exc:
         print(f"litegpt predict: {exc}", file=sys.stderr)
         return 1
     result = {"file": str(args.file), **predict(model, stage, image, tasks, decoding)}

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import yaml
 
 from litegpt import distributed
+from litegpt.data.integrity import verify_shard_set
 from litegpt.data.shards import read_manifest
 from litegpt.distributed import Preemption
 from litegpt.model.config import ModelConfig, Visual
@@ -50,7 +51,7 @@ def ensure_feature_cache(shards: Path, model_cfg: ModelConfig, model_path: str, 
         return open_cache(shards, model_cfg.vision, model_path).directory
     except FeatureCacheError as exc:
         if rank == 0:
-            print(f"building the feature cache ({exc.args[0].split('.')[0]})", flush=True)
+            print(f"building the feature cache: {exc}", flush=True)
     names = [s["name"] for s in read_manifest(shards)["shards"]]
     encode_shards(shards, model_cfg.vision, names[rank::world], device=device, progress=rank == 0)
     dist.barrier()
@@ -74,6 +75,8 @@ def build_trainer(recipe: Recipe, rank: int, world: int, *, resume: bool, preemp
     if cfg.data.features is Visual.CACHE:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         source_dir = ensure_feature_cache(source_dir, model_cfg, cfg.model, rank, world, device)
+    else:  # the cache verifies its image shards when opened; live encoders read them directly
+        verify_shard_set(source_dir, cfg.data.split)
     stream = TrainStream.from_recipe(cfg, model_cfg, source_dir, rank, world)
     schedule = Schedule.plan(stream.micro_batches_per_epoch, cfg.train)
 

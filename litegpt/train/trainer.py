@@ -170,16 +170,21 @@ class Trainer:
 
     def export(self) -> None:
         """The stage's export (adapter, projector, model config), written by rank 0 while the others wait."""
-        from litegpt.model.export import save_export
+        from litegpt.model.export import ExportError, save_export
 
-        stage_dir = self.cfg.stage_dir
+        stage_dir, refused = self.cfg.stage_dir, None
         if self.rank == 0:
-            save_export(self.engine.module, stage_dir / "export", {
-                "stage": self.cfg.stage.name, "step": self.state.step, "tasks": list(self.cfg.stage.tasks),
-                "task_token": self.cfg.stage.task_token})
-            print(f"stage {self.cfg.stage.name} done: export in {stage_dir / 'export'}, TensorBoard: "
-                  f"tensorboard --logdir {stage_dir / 'tensorboard'} --host 127.0.0.1", flush=True)
+            try:
+                save_export(self.engine.module, stage_dir / "export", {
+                    "stage": self.cfg.stage.name, "step": self.state.step, "tasks": list(self.cfg.stage.tasks),
+                    "task_token": self.cfg.stage.task_token})
+                print(f"stage {self.cfg.stage.name} done: export in {stage_dir / 'export'}, TensorBoard: "
+                      f"tensorboard --logdir {stage_dir / 'tensorboard'} --host 127.0.0.1", flush=True)
+            except ExportError as exc:  # raised after the barrier, so the other ranks are not left waiting
+                refused = exc
         dist.barrier()
+        if refused is not None:
+            raise refused
 
     def close(self) -> None:
         self.monitor.close()

@@ -272,3 +272,52 @@ def test_overrides_read_numbers_as_written():
     assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == (3e-3, 1e-5, 0.5)
     with pytest.raises(ConfigError, match=r"optim\.lr: expected float, got 'fast'"):
         load_train_config(recipe, ["optim.lr=fast"])
+
+
+def assert_identical(a, b, where: str = "") -> None:
+    """Nested dicts, lists and tensors equal bit for bit (NaN equal to NaN)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        bits = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+        assert a.dtype == b.dtype and torch.equal(*bits), where
+    else:
+        assert a == b, where
+
+
+def test_a_skipped_step_leaves_weights_optimizer_and_schedule_untouched(recipes):
+    """Step 2 non-finite on 2 ranks (AdamW with momentum and weight decay): the checkpoint after it holds the
+    trainable weights, the optimizer state of every rank and the LR schedule of the checkpoint before it, bit
+    for bit. (Buffers, merge.norm's running statistics, are not weights: its forward passes update them.)"""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    data = yaml.safe_load(recipes["stage1"].read_text())
+    data["run"]["dir"] = str(recipes["root"] / "runs/skipped")
+    recipe = recipes["root"] / "skipped.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    run(recipe, 2, "train.grad_accum=2", "train.max_steps=3", "optim.weight_decay=0.1", "checkpoint.save_every=1",
+        "checkpoint.keep_last=10", flags=("--inject-nonfinite", "2"))
+    checkpoints = recipes["root"] / "runs/skipped/stage1/checkpoints"
+
+    def saved(step: int) -> tuple[dict, list[dict], dict]:
+        tag = f"step{step:08d}"
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag, exclude_frozen_parameters=True)
+        optimizer = [{k: v for k, v in torch.load(checkpoints / tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                                                  weights_only=False)["optimizer_state_dict"].items()
+                      if k in ("base_optimizer_state", "single_partition_of_fp32_groups")} for rank in range(2)]
+        model = torch.load(checkpoints / tag / "mp_rank_00_model_states.pt", weights_only=False)
+        return {k: v for k, v in weights.items() if k not in model["buffer_names"]}, optimizer, model
+
+    (w1, o1, m1), (w2, o2, m2), (w3, _, _) = saved(1), saved(2), saved(3)
+    assert o1[0]["base_optimizer_state"]["state"]  # AdamW's moments are there to compare
+    assert_identical(w2, w1, "weights")
+    assert_identical(o2, o1, "optimizer")
+    assert_identical(m2["lr_scheduler"], m1["lr_scheduler"], "lr_scheduler")  # the schedule does not advance
+    assert (m1["skipped_steps"], m2["skipped_steps"]) == (0, 1)
+    assert any(not torch.equal(w3[k], w2[k]) for k in w2)  # and step 3 trains again

@@ -36,6 +36,7 @@ from litegpt.train.monitor import FlopModel, Monitor
 from litegpt.train.trainer import Schedule, Trainer, TrainState
 
 VOCAB, WIDTH, LR = 13, 8, 0.5
+SGD = {"lr": LR, "momentum": 0.9, "weight_decay": 0.01}  # like AdamW, a zero gradient would still move the weights
 STREAM_LEN = 5  # micro-batches the stream yields per epoch; with grad_accum 2 the fifth is left out
 
 
@@ -84,13 +85,14 @@ def grad_norm(module: nn.Module) -> float:
 class StandInEngine:
     """What the Trainer and the Checkpointer use of DeepSpeed's engine: backward scales the loss by
     1/grad_accum, step() updates the weights (and the learning rate) at each accumulation boundary and
-    skips a non-finite gradient, checkpoints hold the training state and the client state."""
+    skips a non-finite gradient whole (weights, momentum and schedule untouched; counted in skipped_steps),
+    checkpoints hold the training state and the client state."""
 
     device = torch.device("cpu")
 
     def __init__(self, grad_accum: int):
         self.module, self.grad_accum = Tiny(), grad_accum
-        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=LR)
+        self.optimizer = torch.optim.SGD(self.module.parameters(), **SGD)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
         self.skipped_steps, self.micro_steps, self.grad_norm = 0, 0, None
         self.seen: list[str] = []  # keys of the micro-batches it trained on, in order
@@ -185,22 +187,24 @@ def records(trainer: Trainer) -> list[dict]:
 
 
 def by_hand(steps: list[list[Batch]], skip: set[str] = frozenset()) -> tuple[list[dict], nn.Module]:
-    """The same training as a plain loop: per step, the mean loss of its finite micro-batches (the others,
-    and those whose keys are in `skip`, add no gradient), SGD on the summed gradients / micro-batches."""
+    """The same training as a plain loop: per step, the mean loss of its finite micro-batches and SGD on the
+    summed gradients / micro-batches; a step with a non-finite micro-batch (or one whose keys are in `skip`)
+    is skipped whole: no update, the momentum and the schedule stay."""
     model = Tiny()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    optimizer = torch.optim.SGD(model.parameters(), **SGD)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     out = []
     for batches in steps:
         lr = scheduler.get_last_lr()[0]
         losses = [model(b).loss for b in batches]
         kept = [loss for loss, b in zip(losses, batches) if torch.isfinite(loss) and b.keys[0] not in skip]
-        for loss in kept:
-            (loss / len(batches)).backward()
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-        out.append({"loss": sum(v.item() for v in kept) / len(kept) if kept else math.nan, "lr": lr,
-                    "grad_norm": grad_norm(model)})
+        loss = sum(v.item() for v in kept) / len(kept) if kept else math.nan
+        if len(kept) < len(batches):
+            out.append({"loss": loss, "lr": lr, "grad_norm": math.nan})
+            continue
+        for v in kept:
+            (v / len(batches)).backward()
+        out.append({"loss": loss, "lr": lr, "grad_norm": grad_norm(model)})
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -279,16 +283,19 @@ def test_fit_averages_micro_batches_per_step_and_rolls_epochs(tmp_path):
     assert (trainer.cfg.stage_dir / "checkpoints/latest").read_text() == "step00000004"  # the last step
 
 
-def test_a_nonfinite_micro_batch_is_skipped_and_counted(tmp_path):
-    nan = frozenset({(0, 1)})
+def test_a_nonfinite_micro_batch_skips_its_whole_step_and_is_counted(tmp_path):
+    nan = frozenset({(0, 3)})  # the second micro-batch of step 2
     trainer = make_trainer(tmp_path, nan=nan)
     assert trainer.fit() is ExitCode.DONE
     trainer.close()
     expected, model = by_hand(consumed(2, 4, 2, nan))
     rows = records(trainer)
-    assert math.isfinite(rows[0]["loss"]) and rows[0]["loss"] == pytest.approx(expected[0]["loss"], rel=1e-6)
-    assert [r["skipped_microbatches"] for r in rows] == [1, 1, 1, 1]
-    assert_same_weights(trainer.engine.module, model)  # it added no gradient; the others trained as usual
+    assert math.isfinite(rows[1]["loss"]) and rows[1]["loss"] == pytest.approx(expected[1]["loss"], rel=1e-6)
+    assert [r["skipped_microbatches"] for r in rows] == [0, 1, 1, 1]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
+    assert [r["lr"] for r in rows] == pytest.approx([e["lr"] for e in expected])
+    assert rows[2]["lr"] == rows[1]["lr"]  # the schedule did not advance
+    assert_same_weights(trainer.engine.module, model)  # step 2 changed nothing; the others trained as usual
 
 
 @pytest.mark.parametrize("inject, code, rows_written", [

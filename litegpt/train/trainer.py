@@ -2,7 +2,10 @@
 
 `Trainer.fit` is the loop, `Trainer.train_step` one micro-batch (forward, backward, the engine's step; all
 ranks agree whether it was finite and whether to stop), `TrainState` where the stage stands (the client
-state of every checkpoint). The engine is DeepSpeed's, or anything with the members used here: call,
+state of every checkpoint). An optimizer step with a non-finite micro-batch on any rank is skipped whole:
+the trainable weights, the optimizer state (AdamW's moments and step count) and the learning-rate schedule
+stay bit for bit as they were; the schedule does not advance, so the next step applies the rate the
+skipped one would have. The engine is DeepSpeed's, or anything with the members used here: call,
 `backward`, `step`, `skipped_steps`, `get_global_grad_norm`, `lr_scheduler`, `device`, `module`, and what
 the `Checkpointer` calls. `litegpt.train.launch` builds a Trainer from a recipe.
 """
@@ -35,7 +38,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of `epoch` consumed (by each rank)
     samples_seen: int = 0  # all ranks
-    skipped_microbatches: int = 0  # non-finite on some rank: a zero gradient instead
+    skipped_microbatches: int = 0  # non-finite on some rank: their optimizer step is skipped
     truncated_answers: int = 0  # this rank's
     dropped_samples: int = 0  # this rank's
 
@@ -123,7 +126,12 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> MicroStep:
         """Forward and backward of one micro-batch, then the engine's step (which updates the weights at the
-        end of an accumulation). One all-reduce: [any rank non-finite, loss sum, any rank asked to stop]."""
+        end of an accumulation). One all-reduce: [any rank non-finite, loss sum, any rank asked to stop].
+
+        A non-finite micro-batch backpropagates a NaN gradient on every rank instead: the accumulated gradient
+        is then non-finite and DeepSpeed's overflow check skips the whole optimizer step (no AdamW update,
+        no momentum or weight decay, no scheduler step; `engine.skipped_steps` counts it), while the
+        accumulation stays in step. A zero gradient would not do: AdamW's momentum and decay move the weights."""
         state, engine = self.state, self.engine
         state.truncated_answers += batch.truncated
         state.dropped_samples += len(batch.dropped)
@@ -134,9 +142,9 @@ class Trainer:
                               device=engine.device)  # NCCL reduces only device tensors
         dist.all_reduce(shared)
         bad, stop_requested = shared[0].item() > 0, shared[2].item() > 0
-        if bad:  # every rank skips together: a zero gradient keeps DeepSpeed's accumulation in step
+        if bad:  # every rank together: a NaN gradient makes DeepSpeed skip the step at the boundary
             state.skipped_microbatches += 1
-            loss = sum((p * 0).sum() for p in engine.module.parameters() if p.requires_grad)
+            loss = math.nan * sum(p.sum() for p in engine.module.parameters() if p.requires_grad)
         lr = engine.lr_scheduler.get_last_lr()[0]  # the rate this step applies
         engine.backward(loss)
         engine.step()

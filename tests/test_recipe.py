@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from litegpt.model.config import ConfigError, load_model_config
-from litegpt.train.config import load_recipe, load_train_config
+from litegpt.train.config import deepspeed_config, load_recipe, load_train_config
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "configs/tiny/stage1.yaml"
@@ -99,3 +99,14 @@ def test_train_py_refuses_a_yaml_syntax_error_with_exit_2_and_one_line(tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [f"train.py: {recipe}: not valid YAML at line 3, column 1: "
                                         "expected ',' or '}', but got '<stream end>'"]
+
+
+@pytest.mark.parametrize("section, key", [("bf16", "check_grad_overflow"), ("zero_optimization", "compute_grad_norm")])
+def test_a_deepspeed_config_that_would_apply_non_finite_steps_is_refused(section, key):
+    """Skipped steps rely on DeepSpeed's overflow path (issue 12): a JSON turning it off is refused up front."""
+    import json
+
+    ds = json.loads((REPO / "ds_configs/zero2.json").read_text())
+    ds.setdefault(section, {})[key] = False
+    with pytest.raises(ConfigError, match=f"{section}.{key}"):
+        deepspeed_config(ds, load_train_config(RECIPE), 1, bf16=False)

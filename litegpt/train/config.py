@@ -187,6 +187,10 @@ def deepspeed_config(base: dict, cfg: TrainConfig, world_size: int, bf16: bool) 
                               "from the recipe (train.micro_batch, train.grad_accum); remove the key from the JSON")
         ds[key] = value
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    for section, key in (("bf16", "check_grad_overflow"), ("zero_optimization", "compute_grad_norm")):
+        if ds.get(section, {}).get(key) is False:
+            raise ConfigError(f"DeepSpeed config sets {section}.{key} = false: a step with a non-finite gradient would "
+                              "then update the weights instead of being skipped; remove the key")
     if ds.get("fp16", {}).get("enabled"):
         raise ConfigError("DeepSpeed config enables fp16: use bf16 (or fp32 on CPU); fp16 AMP is the authors' "
                           "reference mode only")

@@ -61,7 +61,7 @@ class MicroStep:
     """One micro-batch as the loop logs it: this rank's sizes; the loss and the flags agreed by all ranks."""
 
     loss: float  # mean over ranks; NaN when the micro-batch was skipped
-    skipped: bool  # some rank had a non-finite loss: every rank stepped a zero gradient instead
+    skipped: bool  # some rank had a non-finite loss: the whole optimizer step is skipped on every rank
     stop_requested: bool  # some rank was asked to stop (preemption)
     lr: float  # the rate its gradient is applied with
     samples: int
@@ -77,7 +77,7 @@ class Counters:
     skipped_microbatches: int
     truncated_answers: int
     dropped_samples: int
-    skipped_steps: int  # optimizer steps DeepSpeed skipped (gradient overflow)
+    skipped_steps: int  # optimizer steps DeepSpeed skipped (non-finite loss, gradient overflow, injected fault)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from litegpt.cli import main as cli
+from litegpt.data import integrity
 from litegpt.data import prepare as prepare_module
 from litegpt.data.inspection import draw_samples, label_colour, summary
 from litegpt.data.prepare import PrepareConfig, prepare
@@ -204,4 +206,6 @@ def test_max_pixels_drops_larger_dicoms_before_decoding_and_lists_them(synth_roo
     not_converted = {d["image_id"] for d in manifest["dropped"] if d["kind"] == "label_policy"}  # never decoded
     assert refused == {image_id for image_id, n in sizes.items() if n > limit} - not_converted != set()
     assert manifest["params"]["max_pixels"] == limit
+    repair = shlex.split(integrity.prepare_command(out, manifest))  # what a damaged-shard message prints
+    assert repair[:2] == ["litegpt", "prepare"] and cli(repair[1:]) == 0  # accepted: the same parameters
     assert cli(["prepare", "--root", str(synth_root), "--out", str(tmp_path / "x"), "--max-pixels", "0"]) == 2

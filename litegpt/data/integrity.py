@@ -103,10 +103,13 @@ def prepare_command(directory: Path, manifest: Mapping) -> str:
     if not source or not params:
         return f"litegpt prepare --root <VinDr-CXR root> --out {shlex.quote(str(directory))}"
     flags = {"--root": source["root"], "--out": directory, "--layout": params["layout"],
-             "--max-side": params["max_side"], "--conversion": params["conversion"], "--label-policy": params["label_policy"], "--iou-threshold": params["iou_threshold"],
+             "--max-side": params["max_side"], "--conversion": params["conversion"],
+             "--label-policy": params["label_policy"], "--iou-threshold": params["iou_threshold"],
              "--box-merge": params["box_merge"], "--samples-per-shard": params["samples_per_shard"]}
     if params["layout"] == "kaggle":
         flags["--holdout"] = params["holdout"]
+    if "max_pixels" in params:  # recorded only when not the default
+        flags["--max-pixels"] = params["max_pixels"]
     return shlex.join(["litegpt", "prepare", *(str(x) for item in flags.items() for x in item)])
 
 

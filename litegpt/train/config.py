@@ -42,6 +42,10 @@ _POSITIVE = _rule(lambda v: math.isfinite(v) and v > 0, "> 0 (and finite)")
 class RunSection:
     dir: str = "runs/default"  # the run; this stage writes to <dir>/<stage.name>/
     seed: int = field(default=42, metadata=_rule(lambda v: 0 <= v < 2**32, "in [0, 2**32)"))  # numpy's range
+    # Internal, for robustness checks: each trainable initial weight w becomes w * (1 + perturb_init * z),
+    # z ~ N(0, 1) drawn from perturb_seed, standing in for another CPU's rounding (0: off; fp32 rounding ~ 6e-8).
+    perturb_init: float = field(default=0.0, metadata=_at_least(0))
+    perturb_seed: int = field(default=0, metadata=_rule(lambda v: 0 <= v < 2**63, "in [0, 2**63)"))
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,15 @@ def ensure_feature_cache(shards: Path, model_cfg: ModelConfig, model_path: str, 
     return open_cache(shards, model_cfg.vision, model_path).directory
 
 
+def perturb(model: torch.nn.Module, scale: float, seed: int) -> None:
+    """Relative seeded noise on the trainable weights (the same on every rank): a run that changes with it is
+    one whose result another CPU's rounding could change as well."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.mul_(1 + scale * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+
+
 def build_trainer(recipe: Recipe, rank: int, world: int, *, resume: bool, preemption: Preemption | None = None,
                   inject_nonfinite: Collection[int] = ()) -> Trainer:
     """The stage's Trainer on started ranks; raises ConfigError or ResumeError for a stage that cannot run."""
@@ -84,6 +93,8 @@ def build_trainer(recipe: Recipe, rank: int, world: int, *, resume: bool, preemp
     model = build_model(model_cfg, with_encoders=cfg.data.features is Visual.LIVE)
     if cfg.stage.init_from:
         load_export(model, Path(cfg.stage.init_from))
+    if cfg.run.perturb_init:
+        perturb(model, cfg.run.perturb_init, cfg.run.perturb_seed)
     optimizer, scheduler = build_optimizer(model, cfg.optim, schedule.total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=recipe.deepspeed)

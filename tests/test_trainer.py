@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from litegpt.distributed import ExitCode, Preemption, free_port
 from litegpt.model.config import ConfigError, Visual
@@ -247,13 +248,46 @@ def test_train_step_is_one_micro_batch(tmp_path):
     before = [p.detach().clone() for p in trainer.engine.module.parameters()]
     expected = Tiny()(batch).loss.item()
     micro = trainer.train_step(batch)
-    assert micro.loss == pytest.approx(expected, rel=1e-6) and not micro.skipped and not micro.stop_requested
-    assert (micro.samples, micro.tokens, micro.seq_len, micro.image_tokens) == (2, 12, 6, 2 * Tiny.image_tokens)
+    not_finite, loss_sum, stop = micro.agreed.tolist()  # what the step's end reads
+    assert loss_sum == pytest.approx(expected, rel=1e-6) and not_finite == 0 and stop == 0
+    assert (micro.samples, int(micro.tokens), micro.seq_len, micro.image_tokens) == (2, 12, 6, 2 * Tiny.image_tokens)
     assert micro.lr == LR
     # the first of two micro-batches: accumulated, not applied
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.engine.module.parameters()))
     assert trainer.state == TrainState(batch_in_epoch=1, samples_seen=2, truncated_answers=1)
     trainer.close()
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the tensor calls that copy values to the host (on a GPU each waits for the queued work)."""
+
+    READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "__repr__", "__format__"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("inject", [(), (2,)])
+def test_host_reads_are_per_optimizer_step_not_per_micro_batch(tmp_path, inject):
+    """The same 5 optimizer steps with 1 and with 5 micro-batches each read the device equally often: the
+    loss, the finite flags and the stop request once per step, the token counts once per report."""
+    reads = {}
+    for grad_accum in (1, 5):
+        trainer = make_trainer(tmp_path / str(grad_accum), grad_accum=grad_accum, epochs=grad_accum, inject=inject)
+        assert trainer.schedule.total_steps == 5
+        with HostReads() as counter:
+            assert trainer.fit() is ExitCode.DONE
+        trainer.close()
+        reads[grad_accum] = counter.count
+        assert [r["skipped_steps"] for r in records(trainer)][-1] == len(inject)
+    assert reads[5] == reads[1]
+    # per step: the stand-in engine's norm, the agreed rows; per report (2 of 5 steps): the token and FLOP counts
+    assert reads[1] <= 5 * 2 + 2 * 1 + 1  # + the final checkpoint's RNG state
 
 
 def test_fit_averages_micro_batches_per_step_and_rolls_epochs(tmp_path):

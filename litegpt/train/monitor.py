@@ -42,7 +42,7 @@ class FlopModel:
     layers: int
     width: int
 
-    def step_flops(self, tokens: int, seq_len: int, image_tokens: int) -> float:
+    def step_flops(self, tokens: int | torch.Tensor, seq_len: int, image_tokens: int) -> float | torch.Tensor:
         per_token = 4 * self.llm_frozen + 6 * self.llm_trainable + 12 * self.layers * seq_len * self.width
         return tokens * per_token + 6 * self.projector * image_tokens
 
@@ -58,14 +58,13 @@ def flop_model_of(model) -> FlopModel:
 
 @dataclass(frozen=True)
 class MicroStep:
-    """One micro-batch as the loop logs it: this rank's sizes; the loss and the flags agreed by all ranks."""
+    """One micro-batch as the loop logs it: this rank's sizes, and what all ranks agreed, still on the device
+    (the loop reads it when the optimizer step ends; no micro-batch waits for a device-to-host copy)."""
 
-    loss: float  # mean over ranks; NaN when the micro-batch was skipped
-    skipped: bool  # some rank had a non-finite loss: the whole optimizer step is skipped on every rank
-    stop_requested: bool  # some rank was asked to stop (preemption)
+    agreed: torch.Tensor  # [any rank non-finite, loss summed over ranks (0 when non-finite), any rank asked to stop]
     lr: float  # the rate its gradient is applied with
     samples: int
-    tokens: int  # non-padding tokens
+    tokens: torch.Tensor  # non-padding tokens (0-dim, of the host batch): summed, read at a report
     seq_len: int
     image_tokens: int
 
@@ -144,8 +143,8 @@ class _Window:
     steps: int = 0
     loss: float = 0.0
     samples: int = 0
-    tokens: int = 0
-    flops: float = 0.0
+    tokens: int | torch.Tensor = 0  # tensors from the micro-batches, read at the report
+    flops: float | torch.Tensor = 0.0
     data_seconds: float = 0.0
     start: float = field(default_factory=time.perf_counter)
 
@@ -168,7 +167,8 @@ class Monitor:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
 
     def micro_batch(self, micro: MicroStep, data_seconds: float) -> None:
-        """Account one micro-batch of this rank (the same sizes are assumed on every rank)."""
+        """Account one micro-batch of this rank (the same sizes are assumed on every rank); its token count
+        is added as a tensor and read only when a report is due."""
         w = self.window
         w.samples += micro.samples * self.world_size
         w.tokens += micro.tokens * self.world_size
@@ -193,14 +193,16 @@ class Monitor:
     def _perf(self) -> Perf:
         w = self.window
         seconds = max(time.perf_counter() - w.start, 1e-9)
-        tflops = w.flops / seconds / 1e12 / self.world_size  # per device
+        tokens, flops = torch.stack([torch.as_tensor(w.tokens, dtype=torch.float64),
+                                     torch.as_tensor(w.flops, dtype=torch.float64)]).tolist()  # one read
+        tflops = flops / seconds / 1e12 / self.world_size  # per device
         if torch.cuda.is_available():
             peak_gib, peak_rss_gib = torch.cuda.max_memory_allocated() / 2**30, None
         else:
             import resource
 
             peak_gib, peak_rss_gib = None, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        return Perf(w.loss / w.steps, w.samples / seconds, w.tokens / seconds, tflops, w.data_seconds / seconds,
+        return Perf(w.loss / w.steps, w.samples / seconds, tokens / seconds, tflops, w.data_seconds / seconds,
                     tflops / self.peak if self.peak else None, peak_gib, peak_rss_gib)
 
     def _write(self, record: StepRecord) -> None:

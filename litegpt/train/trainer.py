@@ -1,13 +1,16 @@
 """The training loop of one stage: micro-batch after micro-batch until the last optimizer step.
 
 `Trainer.fit` is the loop, `Trainer.train_step` one micro-batch (forward, backward, the engine's step; all
-ranks agree whether it was finite and whether to stop), `TrainState` where the stage stands (the client
-state of every checkpoint). An optimizer step with a non-finite micro-batch on any rank is skipped whole:
-the trainable weights, the optimizer state (AdamW's moments and step count) and the learning-rate schedule
-stay bit for bit as they were; the schedule does not advance, so the next step applies the rate the
-skipped one would have. The engine is DeepSpeed's, or anything with the members used here: call,
-`backward`, `step`, `skipped_steps`, `get_global_grad_norm`, `lr_scheduler`, `device`, `module`, and what
-the `Checkpointer` calls. `litegpt.train.launch` builds a Trainer from a recipe.
+ranks agree whether it was finite and whether to stop), `Trainer.end_step` the close of an optimizer step,
+`TrainState` where the stage stands (the client state of every checkpoint). An optimizer step with a
+non-finite micro-batch on any rank is skipped whole: the trainable weights, the optimizer state (AdamW's
+moments and step count) and the learning-rate schedule stay bit for bit as they were; the schedule does not
+advance, so the next step applies the rate the skipped one would have. The loss, the finite flags and the
+stop request stay on the device until the step ends, where they are read in one transfer, so no micro-batch
+waits for the device (token counts are read at the monitor's reports). The engine is DeepSpeed's, or
+anything with the members used here: call, `backward`, `step`, `skipped_steps`, `get_global_grad_norm`,
+`lr_scheduler`, `device`, `module`, and what the `Checkpointer` calls. `litegpt.train.launch` builds a
+Trainer from a recipe.
 """
 
 from __future__ import annotations
@@ -94,7 +97,8 @@ class Trainer:
         self.inject_nonfinite = frozenset(inject_nonfinite)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.nonfinite_in_a_row = 0
-        self._micro_losses: list[float] = []
+        self.stop_requested = False  # some rank was asked to stop (preemption), as of the last step's end
+        self._agreed: list[torch.Tensor] = []  # the current step's micro-batches, see `train_step`
         self._skipped_before = engine.skipped_steps
 
     def fit(self) -> ExitCode:
@@ -115,7 +119,7 @@ class Trainer:
                           f"gradient norm (limit train.max_nonfinite); stopping. Lower optim.lr, check the data, or "
                           f"resume from the last good checkpoint in {self.checkpointer.directory}", sys.stderr)
                 return ExitCode.NONFINITE
-            if micro.stop_requested:
+            if self.stop_requested:
                 self.save()
                 self._say(f"train.py: preemption signal: checkpoint written at step {state.step}; "
                           f"exit {ExitCode.PREEMPTED.value} to be requeued")
@@ -126,51 +130,54 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> MicroStep:
         """Forward and backward of one micro-batch, then the engine's step (which updates the weights at the
-        end of an accumulation). One all-reduce: [any rank non-finite, loss sum, any rank asked to stop].
+        end of an accumulation). One all-reduce, of [non-finite, loss (0 when non-finite), asked to stop]:
+        any rank non-finite, the loss sum, any rank asked to stop. Nothing is read back to the host here;
+        `end_step` reads the step's rows at once.
 
-        A non-finite micro-batch backpropagates a NaN gradient on every rank instead: the accumulated gradient
-        is then non-finite and DeepSpeed's overflow check skips the whole optimizer step (no AdamW update,
-        no momentum or weight decay, no scheduler step; `engine.skipped_steps` counts it), while the
+        A non-finite micro-batch on any rank makes every rank backpropagate its loss times NaN (a factor of
+        1 otherwise, formed on the device from the all-reduced flag): the accumulated gradient is then
+        non-finite and DeepSpeed's overflow check skips the whole optimizer step (no AdamW update, no
+        momentum or weight decay, no scheduler step; `engine.skipped_steps` counts it), while the
         accumulation stays in step. A zero gradient would not do: AdamW's momentum and decay move the weights."""
         state, engine = self.state, self.engine
         state.truncated_answers += batch.truncated
         state.dropped_samples += len(batch.dropped)
+        tokens = batch.attention_mask.sum()  # on the host batch, read only when the monitor reports
         batch = batch.to(engine.device)
         loss = engine(batch).loss
-        bad = not torch.isfinite(loss).item() or state.step + 1 in self.inject_nonfinite
-        shared = torch.tensor([float(bad), 0.0 if bad else loss.item(), float(self.preemption.requested)],
-                              device=engine.device)  # NCCL reduces only device tensors
-        dist.all_reduce(shared)
-        bad, stop_requested = shared[0].item() > 0, shared[2].item() > 0
-        if bad:  # every rank together: a NaN gradient makes DeepSpeed skip the step at the boundary
-            state.skipped_microbatches += 1
-            loss = math.nan * sum(p.sum() for p in engine.module.parameters() if p.requires_grad)
+        bad = ~torch.isfinite(loss.detach()) | (state.step + 1 in self.inject_nonfinite)
+        agreed = torch.stack([bad.float(), torch.where(bad, 0.0, loss.detach().float()),
+                              torch.full((), float(self.preemption.requested), device=loss.device)])
+        dist.all_reduce(agreed)  # on the device: NCCL reduces only device tensors
+        self._agreed.append(agreed)
         lr = engine.lr_scheduler.get_last_lr()[0]  # the rate this step applies
-        engine.backward(loss)
+        engine.backward(loss * torch.where(agreed[0] > 0, math.nan, 1.0).to(loss.dtype))
         engine.step()
-        mean_loss = math.nan if bad else shared[1].item() / self.world_size
-        self._micro_losses.append(mean_loss)
         state.batch_in_epoch += 1
         state.samples_seen += len(batch.keys) * self.world_size
-        return MicroStep(mean_loss, bad, stop_requested, lr, len(batch.keys), int(batch.attention_mask.sum()),
-                         batch.input_ids.shape[1], engine.module.image_tokens * len(batch.keys))
+        return MicroStep(agreed, lr, len(batch.keys), tokens, batch.input_ids.shape[1],
+                         engine.module.image_tokens * len(batch.keys))
 
     def end_step(self, lr: float) -> StepRecord:
-        """Close the optimizer step the last micro-batch completed: the epoch, the non-finite streak, the record."""
+        """Close the optimizer step the last micro-batch completed: read its micro-batches' agreed rows and
+        the gradient norm in one transfer; the epoch, the skip counts, the non-finite streak, the stop
+        request and the record."""
         state = self.state
         state.step += 1
         epoch = state.epoch
         if state.batch_in_epoch == self.schedule.trained_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        finite = [v for v in self._micro_losses if not math.isnan(v)]
-        self._micro_losses = []
+        rows, grad_norm = _to_host(torch.stack(self._agreed), self.engine.get_global_grad_norm())
+        self._agreed = []
+        finite = [loss_sum / self.world_size for bad, loss_sum, _ in rows if not bad]
+        state.skipped_microbatches += len(rows) - len(finite)
+        self.stop_requested = rows[-1][2] > 0
         overflowed, self._skipped_before = self.engine.skipped_steps > self._skipped_before, self.engine.skipped_steps
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if (not finite or overflowed) else 0
-        grad_norm = self.engine.get_global_grad_norm()
         counters = Counters(state.skipped_microbatches, state.truncated_answers, state.dropped_samples,
                             self.engine.skipped_steps)
         return self.monitor.step(state.step, epoch, sum(finite) / len(finite) if finite else math.nan, lr,
-                                 None if grad_norm is None else float(grad_norm), counters)
+                                 grad_norm, counters)
 
     def save(self) -> None:
         """A checkpoint of this step (every rank calls it)."""
@@ -200,6 +207,15 @@ class Trainer:
     def _say(self, message: str, stream: TextIO | None = None) -> None:
         if self.rank == 0:
             print(message, file=stream or sys.stdout, flush=True)
+
+
+def _to_host(rows: torch.Tensor, grad_norm: torch.Tensor | float | None) -> tuple[list[list[float]], float | None]:
+    """The step's rows and the gradient norm (a device tensor, a float, or None) in one device-to-host read."""
+    if not isinstance(grad_norm, torch.Tensor):
+        return rows.tolist(), None if grad_norm is None else float(grad_norm)
+    flat = torch.cat([rows.flatten().double(), grad_norm.detach().reshape(1).double()]).tolist()
+    width = rows.shape[1]
+    return [flat[i:i + width] for i in range(0, len(flat) - 1, width)], flat[-1]
 
 
 def _timed(batches: Iterable[Batch]) -> Iterator[tuple[Batch, float]]:

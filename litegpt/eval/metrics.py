@@ -14,9 +14,9 @@ Two families are reported side by side:
   (Hungarian assignment: the most matches, ties broken by total IoU), a match needs continuous IoU >= t,
   the convention of COCO's matcher, so box precision, recall and F1 agree with mAP's notion of a hit.
   mAP@0.4 is pycocotools' COCOeval (101-point interpolated AP per class, averaged over the classes that
-  have ground truth, area range 'all', no detection cap). This is not the VinBigData Kaggle metric, which
-  is PASCAL VOC 2010 all-point AP with a hit at IoU > 0.4; the two differ slightly, so the numbers do not
-  compare one to one with that leaderboard.
+  have ground truth, area range 'all', no detection cap). Beside it, `kaggle_map` is the VinBigData Kaggle
+  metric (PASCAL VOC 2010 all-point AP, a hit at IoU > 0.4, VOC's matching; see `kaggle_map`), the figure
+  that compares with that leaderboard.
 
 Which record feeds what: `identify` records give local-label classification and localisation; `vqa`
 records give global-label classification; Finding / No finding (paper Table 1) comes from an image's
@@ -26,10 +26,13 @@ when the image has neither findings nor diseases). The paper's per-label tables 
 22 local and the 6 global labels separately (Table 11's support, 3200, is the sum of the six rows), so
 the Finding column is reported in its own two-class report rather than inside the global one.
 
-Text metrics (paper Tables 4 and 5) score outputs against targets after `strip_boxes`; ROUGE via
-rouge_score on that text, BLEU-1..4 (cumulative, corpus), METEOR and CIDEr-D via pycocoevalcap on
-lower-case word tokens without punctuation (what coco-caption's PTB tokenizer yields), with
-references and candidates in their documented roles (the authors' code swaps them for CIDEr).
+Text metrics (paper Tables 4 and 5) come in two blocks. `text` (ours) scores outputs against targets after
+`strip_boxes`; ROUGE via rouge_score on that text (no stemming), BLEU-1..4 (cumulative, corpus), METEOR and
+CIDEr-D via pycocoevalcap on lower-case word tokens without punctuation (what coco-caption's PTB tokenizer
+yields; METEOR is the Java METEOR 1.5), with references and candidates in their documented roles.
+`reference.text` reproduces the authors' definitions (`reference_text`: stemmed ROUGE on nltk sentences,
+`<p>` tags kept, 13a-token BLEU, nltk METEOR, CIDEr with the roles swapped); the paper's Tables 4-5 were
+computed that way, so it is the block to compare with them.
 
 All rates are fractions in 0..1; CIDEr is on its own scale. Absent inputs give None, never NaN.
 
@@ -42,8 +45,11 @@ All rates are fractions in 0..1; CIDEr is on its own scale. Absent inputs give N
   strict.localisation: gt_boxes, pred_boxes, thresholds {t: precision, recall, f1, tp},
       per_class {label: gt_boxes, pred_boxes, t: {precision, recall, f1, tp}}
   strict.map: iou, map, per_class {label: AP} (classes with ground truth only)
+  strict.kaggle_map: the same keys, VOC 2010 all-point AP at IoU > iou (the VinBigData Kaggle metric)
   text: {identify, vqa}: rouge1, rouge2, rougeL, rougeLsum, bleu1..bleu4, meteor (None plus
       meteor_unavailable when Java cannot run it), cider, count
+  reference.text: {identify, vqa}: the same keys under the authors' definitions (meteor None plus
+      meteor_unavailable without WordNet)
   parse: {all, identify, vqa}: records, complete (read completely, not empty), empty, rate (complete / records),
       unparsed_fragments, top_unparsed [[text, n]], examples [{image_id, task, unparsed}] (empty outputs: unparsed [])
 """
@@ -58,7 +64,7 @@ import math
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -66,6 +72,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from litegpt.boxes import iou_matrix
+from litegpt.eval import reference_text
 from litegpt.grammar import TASKS, Box, parse, quantize_box
 from litegpt.labels import GLOBAL_LABELS, LOCAL_LABELS, NO_FINDING, canonical_label
 
@@ -416,6 +423,49 @@ def coco_map(images: Sequence[_ImageBoxes], iou: float = MAP_IOU) -> dict:
     return {"iou": iou, "map": float(np.mean(list(per_class.values()))), "per_class": per_class}
 
 
+def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """PASCAL VOC 2010+ AP: area under the precision envelope (each precision raised to the best at any
+    higher recall), summed over every recall step; no 11- or 101-point sampling."""
+    mrec = np.concatenate(([0.0], recall, [1.0]))
+    mpre = np.maximum.accumulate(np.concatenate(([0.0], precision, [0.0]))[::-1])[::-1]
+    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+def kaggle_map(images: Sequence[_ImageBoxes], iou: float = MAP_IOU) -> dict:
+    """The VinBigData Kaggle metric: VOC 2010 all-point AP with a hit at IoU > iou, mean over classes with
+    ground truth.
+
+    Per class, detections of all images in descending score (ties in record, then parse, order) are matched
+    the VOC devkit's way: each goes to the ground-truth box of its image it overlaps most (continuous IoU);
+    a hit if that IoU is strictly above `iou` and the box is not taken yet, else a false positive, even when
+    another free box overlaps enough (COCO would take that one, and accepts IoU == iou).
+    """
+    per_class = {}
+    for label in LOCAL_LABELS:
+        n_gt = sum(len(im.gt.get(label, ())) for im in images)
+        if not n_gt:
+            continue
+        detections = sorted(
+            ((score, k, box) for k, im in enumerate(images)
+             for box, score in zip(im.pred.get(label, ()), im.scores.get(label, ()))),
+            key=lambda d: -d[0],
+        )
+        taken = {k: np.zeros(len(im.gt.get(label, ())), dtype=bool) for k, im in enumerate(images)}
+        hits = np.zeros(len(detections))
+        for i, (_, k, box) in enumerate(detections):
+            gt = images[k].gt.get(label, [])
+            if gt:
+                overlaps = iou_matrix([box], gt)[0]
+                best = int(overlaps.argmax())
+                if overlaps[best] > iou and not taken[k][best]:
+                    taken[k][best] = hits[i] = True
+        tp = np.cumsum(hits)
+        per_class[label] = voc_ap(tp / n_gt, tp / np.arange(1, len(hits) + 1))
+    mean_ap = float(np.mean(list(per_class.values()))) if per_class else None
+    return {"iou": iou, "map": mean_ap, "per_class": per_class}
+
+
 # ---- text -------------------------------------------------------------------------------------------
 
 _BOX_TEXT = re.compile(r"\{\s*<[^{}]*\}")
@@ -517,6 +567,14 @@ def parse_stats(records: Sequence[Prediction], top: int = TOP_UNPARSED) -> dict:
 
 # ---- everything -------------------------------------------------------------------------------------
 
+TextScore = Callable[[Sequence[str], Sequence[str]], dict]
+
+
+def _text_block(by_task: dict[str, list[Prediction]], score: TextScore) -> dict:
+    """`score(targets, outputs)` per task; None for a task without records."""
+    return {t: score([r.target for r in rs], [r.output for r in rs]) if rs else None for t, rs in by_task.items()}
+
+
 def compute_metrics(predictions: Sequence[Prediction], thresholds: Sequence[float] = THRESHOLDS) -> dict:
     """All metrics of an evaluation run: the content of `metrics.json` (schema in the module doc)."""
     if not predictions:
@@ -544,15 +602,14 @@ def compute_metrics(predictions: Sequence[Prediction], thresholds: Sequence[floa
         "reference": {
             "classification": _classification_family(by_task, finding_source, strict=False),
             "localisation": reference_accuracy(images, thresholds) if localisation else None,
+            "text": _text_block(by_task, reference_text.text_metrics),
         },
         "strict": {
             "classification": _classification_family(by_task, finding_source, strict=True),
             "localisation": strict_boxes(images, thresholds) if localisation else None,
             "map": coco_map(images) if localisation else None,
+            "kaggle_map": kaggle_map(images) if localisation else None,
         },
-        "text": {
-            t: text_metrics([r.target for r in rs], [r.output for r in rs]) if rs else None
-            for t, rs in by_task.items()
-        },
+        "text": _text_block(by_task, text_metrics),
         "parse": {"all": parse_stats(predictions), **{t: parse_stats(rs) for t, rs in by_task.items()}},
     }

@@ -142,7 +142,9 @@ def test_authors_preset_is_reproducible_with_its_seed(stage, shards, evaluated, 
         runs.append(read_predictions(tmp_path / name / "predictions.jsonl"))
     assert runs[0] == runs[1]
     greedy = [r for r in read_predictions(evaluated / "predictions.jsonl") if r.task == "vqa"]
-    assert [r.output for r in runs[0]] != [r.output for r in greedy]  # it did sample (6 samples of a random model)
+    # it did sample: true unless all 6 sampled answers equal the greedy ones; on the random tiny model an
+    # authors-preset sample equalled the greedy answer in 0 of 30 (64 tokens each), so no CPU's rounding decides it
+    assert [r.output for r in runs[0]] != [r.output for r in greedy]
     settings = json.loads((tmp_path / "a" / "settings.json").read_text())["decoding"]
     assert (settings["mode"], settings["temperature"], settings["top_p"], settings["top_k"],
             settings["max_new_tokens"]) == ("authors", 0.6, 0.9, 50, 512)

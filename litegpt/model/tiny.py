@@ -24,7 +24,7 @@ from torch import nn
 
 from litegpt.files import atomic_directory
 from litegpt.model.config import ConfigError, EncoderConfig, ModelConfig, load_model_config, local_source, resolve_arch
-from litegpt.model.encoders import OpenClipLoader, TimmLoader, loader_of
+from litegpt.model.encoders import OpenClipLoader, TimmLoader, loader_of, torch_dtype
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 BYTE_TOKENS = tuple(f"<0x{i:02X}>" for i in range(256))
@@ -127,24 +127,29 @@ def write_encoder(cfg: EncoderConfig, directory: Path) -> None:
         ENCODER_WRITERS[cfg.kind](module, arch, Path(directory))
 
 
-def write_llm(cfg: ModelConfig, directory: Path) -> None:
+def write_llm(cfg: ModelConfig, directory: Path, tokenizer: Callable[[], object] | None = None) -> None:
+    """The causal LM in `llm.dtype` (as real checkpoints ship in half precision) with its tokenizer:
+    `tokenizer()` when given, else `build_tokenizer` trained for the vocabulary."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = dict(resolve_arch(cfg.llm.arch, "llm"))
     config = AutoConfig.for_model(arch.pop("model_type"), **arch)
-    tokenizer = build_tokenizer(config.vocab_size)
+    tok = tokenizer() if tokenizer is not None else build_tokenizer(config.vocab_size)
+    if len(tok) > config.vocab_size:
+        raise ConfigError(f"llm.arch.vocab_size = {config.vocab_size} is smaller than the tokenizer's {len(tok)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.llm.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(cfg.llm.dtype))
     model.save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
+    tok.save_pretrained(str(directory))
 
 
-def build_weights(cfg: ModelConfig, force: bool = False) -> list[Path]:
-    """Write every buildable part (local `source` + `arch`); returns the directories written."""
+def build_weights(cfg: ModelConfig, force: bool = False, tokenizer: Callable[[], object] | None = None) -> list[Path]:
+    """Write every buildable part (local `source` + `arch`); returns the directories written. `tokenizer`
+    makes the LLM's tokenizer (default: one trained by `build_tokenizer`)."""
     written = []
     parts = [(local_source(e.source), e.arch, lambda d, e=e: write_encoder(e, d)) for e in cfg.vision.encoders]
-    parts.append((local_source(cfg.llm.source), cfg.llm.arch, lambda d: write_llm(cfg, d)))
+    parts.append((local_source(cfg.llm.source), cfg.llm.arch, lambda d: write_llm(cfg, d, tokenizer)))
     if cfg.llm.tokenizer is not None and cfg.llm.tokenizer != cfg.llm.source:
         raise ConfigError("llm.tokenizer: tiny weights keep the tokenizer with the LLM; leave it unset")
     for directory, arch, write in parts:
@@ -159,9 +164,20 @@ def build_weights(cfg: ModelConfig, force: bool = False) -> list[Path]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="model config (e.g. configs/model_tiny.yaml)")
     parser.add_argument("--force", action="store_true", help="rewrite parts that already exist")
+    parser.add_argument("--layers", type=int, help="derive the config at this many decoder layers, with every "
+                        "source under --out, and write OUT/model.yaml and its weights (litegpt.model.reduced)")
+    parser.add_argument("--out", type=Path, help="directory for --layers")
+    parser.add_argument("--tokenizer", choices=("llama2", "trained"), default="llama2",
+                        help="with --layers: the real Llama-2 tokenizer (fetched with npm) or a trained one")
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.layers is None) != (args.out is None):
+        raise SystemExit("litegpt tiny-weights: --layers and --out go together")
+    if args.layers is not None:
+        from litegpt.model.reduced import derive_reduced
+        print(f"wrote {derive_reduced(args.config, args.layers, args.out, tokenizer=args.tokenizer, force=args.force)}")
+        return 0
     cfg = load_model_config(args.config)
     written = build_weights(cfg, force=args.force)
     for path in written:

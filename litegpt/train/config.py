@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from litegpt.data.shards import read_manifest
+from litegpt.data.splits import Holdout, choose_holdout
 from litegpt.grammar import TASKS
 from litegpt.model.config import ConfigError, ModelConfig, Visual, build_dataclass, load_model_config, parse_yaml
 
@@ -107,6 +109,43 @@ class LogSection:
 
 
 @dataclass(frozen=True)
+class Figure:
+    """A figure validation reports, as `eval.best` may choose it."""
+
+    generated: bool  # scored on generations (needs eval.generate > 0)
+    task: str | None  # the task whose generations give it; None: any
+    higher_is_better: bool
+
+
+# What `litegpt.eval.validation` reports, named as `litegpt evaluate` names them in TensorBoard (under eval/):
+# the teacher-forced loss, and the parse rate and micro-F1s of greedy generations (strict: the grammar's
+# whole-word labels and one-to-one boxes; reference: the authors' substring rule).
+VALIDATION_FIGURES = {
+    "loss": Figure(False, None, False),
+    "parse/all_rate": Figure(True, None, True),
+    "strict/local/micro_avg_f1": Figure(True, "identify", True),
+    "reference/local/micro_avg_f1": Figure(True, "identify", True),
+    "strict/box_f1@0.5": Figure(True, "identify", True),
+    "strict/global/micro_avg_f1": Figure(True, "vqa", True),
+    "reference/global/micro_avg_f1": Figure(True, "vqa", True),
+}
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """Validation during training, on the shards' explicit `val` split or on `fraction` of the training images
+    (held out of training by a hash of image_id); none when neither exists."""
+
+    fraction: float = field(default=0.0, metadata=_rule(lambda v: 0 <= v < 1, "in [0, 1)"))
+    every: int = field(default=0, metadata=_at_least(0))  # optimizer steps; 0: only at the end of the stage
+    generate: int = field(default=32, metadata=_at_least(0))  # images greedily generated and scored; 0: loss only
+    batch: int = field(default=8, metadata=_at_least(1))  # samples per chunk (loss) and images per generation batch
+    # what export-best/ follows: loss (lower is better) or a generation figure (higher is better)
+    best: str = field(default="loss", metadata=_rule(lambda v: v in VALIDATION_FIGURES,
+                                                      f"one of {', '.join(VALIDATION_FIGURES)}"))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: str  # model config YAML (configs/model_*.yaml)
     run: RunSection = field(default_factory=RunSection)
@@ -116,6 +155,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     @property
     def stage_dir(self) -> Path:
@@ -130,8 +170,11 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def digest(self) -> str:
-        """Hash of everything that changes what a step computes (a resumed run must match it)."""
-        keep = {k: v for k, v in self.to_dict().items() if k not in ("checkpoint", "log")}
+        """Hash of everything that changes what a step computes (a resumed run must match it): of the eval
+        section, only the fraction held out of training."""
+        recipe = self.to_dict()
+        keep = {k: v for k, v in recipe.items() if k not in ("checkpoint", "log", "eval")}
+        keep["eval"] = {"fraction": recipe["eval"]["fraction"]}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -162,7 +205,7 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 def validate(cfg: TrainConfig, where: str) -> TrainConfig:
     """Every value checked against the rule beside its field, so what cannot work is refused before any
     setup (not after it, or never, as a hang or a negative learning rate)."""
-    broken = next(_broken_rules(cfg), None)
+    broken = next(itertools.chain(_broken_rules(cfg), _mismatches(cfg)), None)
     if broken is not None:
         raise ConfigError(f"{where}: {broken}")
     return cfg
@@ -175,6 +218,16 @@ def _broken_rules(section: Any, prefix: str = "") -> Iterator[str]:
             yield from _broken_rules(value, key + ".")
         elif value is not None and "rule" in f.metadata and not f.metadata["rule"].ok(value):
             yield f"{key} must be {f.metadata['rule'].wanted}, got {value!r}"
+
+
+def _mismatches(cfg: TrainConfig) -> Iterator[str]:
+    """Values that are valid alone but cannot work together."""
+    best, figure = cfg.eval.best, VALIDATION_FIGURES[cfg.eval.best]
+    if figure.generated and cfg.eval.generate == 0:
+        yield f"eval.best = {best} is scored on generations, but eval.generate = 0 generates none"
+    if figure.task is not None and figure.task not in cfg.stage.tasks:
+        yield (f"eval.best = {best} is scored on [{figure.task}] generations, but stage.tasks = "
+               f"{list(cfg.stage.tasks)}")
 
 
 def deepspeed_config(base: dict, cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
@@ -212,6 +265,7 @@ class Recipe:
     deepspeed: dict  # the DeepSpeed config with batch sizes and precision derived from `cfg`
     bf16: bool
     data: dict  # `data_record(cfg)`: what the stage trains on, recorded in its checkpoints
+    holdout: Holdout | None  # the validation images (`validation_holdout(cfg)`); None: no validation
 
 
 def load_recipe(config: Path, overrides: list[str], deepspeed_json: Path, world_size: int) -> Recipe:
@@ -226,7 +280,8 @@ def load_recipe(config: Path, overrides: list[str], deepspeed_json: Path, world_
 
     on_gpu = torch.cuda.is_available()
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
-    return Recipe(cfg, model_cfg, deepspeed_config(ds_base, cfg, world_size, bf16), bf16, data_record(cfg))
+    return Recipe(cfg, model_cfg, deepspeed_config(ds_base, cfg, world_size, bf16), bf16, data_record(cfg),
+                  validation_holdout(cfg))
 
 
 def check_inputs(cfg: TrainConfig) -> None:
@@ -236,16 +291,31 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise ValueError(f"{cfg.data.shards}: no samples in split {cfg.data.split!r}")
     if cfg.stage.init_from and not (Path(cfg.stage.init_from) / "projector.safetensors").is_file():
         raise ValueError(f"stage.init_from = {cfg.stage.init_from}: no export there; train the previous stage "
-                         "first (its export is written to <run.dir>/<stage>/export when it ends)")
+                         "first (its export is written to <run.dir>/<stage>/export when it ends, and to "
+                         "<run.dir>/<stage>/export-best whenever a validation improves eval.best)")
+    validation_holdout(cfg)
+
+
+def validation_holdout(cfg: TrainConfig) -> Holdout | None:
+    """The stage's validation images (`litegpt.data.splits.choose_holdout`): None when the shards have no
+    `val` split and eval.fraction is 0."""
+    manifest = read_manifest(Path(cfg.data.shards))
+    try:
+        return choose_holdout(manifest["splits"], cfg.data.split, cfg.eval.fraction)
+    except ValueError as exc:
+        raise ValueError(f"{cfg.data.shards}: data.split = {cfg.data.split}, eval.fraction = {cfg.eval.fraction}: "
+                         f"{exc}") from None
 
 
 def data_record(cfg: TrainConfig) -> dict:
     """What the stage trains on, as its checkpoints record it so that a resume on other data is refused:
     `shards`, a digest of the split's shards (name, samples, sha256) from the manifest, changes whenever the
     shards are re-prepared with other contents; `preparation` (the manifest's parameters, e.g. the label
-    policy) only explains such a change."""
+    policy) only explains such a change; `validation`, what is held out (`litegpt.data.splits.Holdout`), changes
+    the training set with the fraction (which the config digest holds)."""
     manifest = read_manifest(Path(cfg.data.shards))
     shards = sorted([s["name"], s["samples"], s.get("sha256")] for s in manifest["shards"] if s["split"] == cfg.data.split)
+    holdout = validation_holdout(cfg)
     return {"shards": hashlib.sha256(json.dumps(shards).encode()).hexdigest(), "split": cfg.data.split,
             "tasks": list(cfg.stage.tasks), "findings_only": cfg.stage.findings_only,
-            "preparation": manifest.get("params", {})}
+            "preparation": manifest.get("params", {}), "validation": None if holdout is None else holdout.record()}

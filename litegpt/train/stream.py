@@ -23,19 +23,21 @@ import torch
 import webdataset as wds
 
 from litegpt.data.shards import iter_json, read_manifest, read_samples
+from litegpt.data.splits import Holdout
 from litegpt.features import Decode, visual_decoder
 from litegpt.grammar import render_answer, render_prompt
 from litegpt.model.config import ModelConfig, Visual
 from litegpt.model.encoders import ImagePreprocessor
 from litegpt.model.inputs import InputBuilder, TrainSample
 from litegpt.model.model import load_tokenizer
-from litegpt.train.config import TrainConfig
+from litegpt.train.config import TrainConfig, validation_holdout
 
 
 @dataclass(frozen=True)
 class StreamSpec:
     urls: tuple[str, ...]  # shard files of the split
-    n_samples: int  # samples per epoch before splitting across ranks (after the findings filter, x tasks)
+    split: str
+    n_samples: int  # samples per epoch before splitting across ranks (after the filters, x tasks)
     tasks: tuple[str, ...]
     task_token: str | None
     findings_only: bool
@@ -45,26 +47,37 @@ class StreamSpec:
     shuffle_buffer: int
     length_group: int
     num_workers: int
+    holdout: Holdout | None  # validation images, never trained on
 
     @classmethod
     def from_recipe(cls, cfg: TrainConfig, source_dir: Path) -> StreamSpec:
         """The stage's split, read from `source_dir` (the shards, or their feature cache)."""
-        counts = eligible_counts(Path(cfg.data.shards), cfg.data.split, cfg.stage.findings_only)
+        holdout = validation_holdout(cfg)
+        counts = eligible_counts(Path(cfg.data.shards), cfg.data.split, cfg.stage.findings_only, holdout)
         return cls(urls=tuple(str(Path(source_dir) / name) for name, n in counts.items() if n > 0),
-                   n_samples=sum(counts.values()) * len(cfg.stage.tasks), tasks=cfg.stage.tasks,
+                   split=cfg.data.split, n_samples=sum(counts.values()) * len(cfg.stage.tasks), tasks=cfg.stage.tasks,
                    task_token=cfg.stage.task_token, findings_only=cfg.stage.findings_only, source=cfg.data.features,
                    micro_batch=cfg.train.micro_batch, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                   length_group=cfg.data.length_group, num_workers=cfg.data.num_workers)
+                   length_group=cfg.data.length_group, num_workers=cfg.data.num_workers, holdout=holdout)
 
 
-def eligible_counts(shards: Path, split: str, findings_only: bool) -> dict[str, int]:
-    """Per image shard of `split`, how many samples a stage trains on (those with findings, or all).
+def trained_on(meta: dict, split: str, findings_only: bool, holdout: Holdout | None) -> bool:
+    """Whether a sample of `split` is trained on: not a validation image, and with findings when the stage
+    trains on those only."""
+    return (holdout is None or holdout.trains(split, meta["image_id"])) and (not findings_only or bool(meta["findings"]))
+
+
+def eligible_counts(shards: Path, split: str, findings_only: bool, holdout: Holdout | None = None) -> dict[str, int]:
+    """Per image shard of `split`, how many samples a stage trains on (`trained_on`).
 
     Shards with none are left out of the stream, so no loader worker can spin on an empty pass.
     """
     manifest = read_manifest(shards)
-    return {s["name"]: (sum(bool(m["findings"]) for m in iter_json(Path(shards) / s["name"])) if findings_only
-                        else s["samples"]) for s in manifest["shards"] if s["split"] == split}
+    shards_of_split = [s for s in manifest["shards"] if s["split"] == split]
+    if not findings_only and (holdout is None or holdout.split != split):  # every sample: the manifest counts them
+        return {s["name"]: s["samples"] for s in shards_of_split}
+    return {s["name"]: sum(trained_on(m, split, findings_only, holdout) for m in iter_json(Path(shards) / s["name"]))
+            for s in shards_of_split}
 
 
 class TrainStream:
@@ -92,7 +105,7 @@ class TrainStream:
 
     def _samples(self, raw: dict) -> list[TrainSample]:
         meta = json.loads(raw["json"])
-        if self.spec.findings_only and not meta["findings"]:
+        if not trained_on(meta, self.spec.split, self.spec.findings_only, self.spec.holdout):
             return []
         visual = self.visual(raw)
         return [TrainSample(f"{meta['image_id']}/{task}", render_prompt(task, self.spec.task_token if task == "identify"

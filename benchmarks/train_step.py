@@ -297,13 +297,11 @@ def main() -> None:
                 for name in names:
                     row, losses = sides[name](m, r)
                     results.setdefault((m, name), []).append(row)
+                    print(f"round {r + 1}, micro-batch {m}, {name}: {row['samples_per_s']:.1f} samples/s", flush=True)
                     if r == 0:
                         print(f"micro-batch {m}, {name}: first losses "
                               f"{' '.join(f'{v:.6f}' for v in losses[:CHECKED_STEPS])}", flush=True)
                         results.setdefault((m, "losses"), []).append(losses[:CHECKED_STEPS])
-                print(f"round {r + 1}, micro-batch {m}: " + ", ".join(
-                    f"{name} {results[(m, name)][-1]['samples_per_s']:.1f}" for name in sides) + " samples/s",
-                    flush=True)
         for m in micros:
             first = results[(m, "losses")]
             spread = max(abs(a - b) for losses in first for a, b in zip(losses, first[0]))

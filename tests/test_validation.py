@@ -248,6 +248,7 @@ def _rank(rank: int, world: int, port: int, config, shards: Path, stage_dir: Pat
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_figures_of_one_and_leave_every_rank_as_it_was(tiny_config, val_shards, tmp_path,
                                                                            one_thread):
     from litegpt.model.model import build_model

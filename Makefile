@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Extra flags for `litegpt demo`, e.g. DEMO_ARGS=--fresh or DEMO_ARGS="--train 4000 --seed 1".
 DEMO_ARGS ?=
 
-.PHONY: venv demo test clean-demo
+.PHONY: venv wordnet demo test clean-demo
 
 $(BIN)/litegpt: setup.cfg pyproject.toml requirements/lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,17 @@ venv: $(BIN)/litegpt
 # The pipeline as a user runs it (litegpt/demo.py): synth -> prepare -> inspect -> tiny-weights -> cache-features ->
 # stage 1 -> stage 2 (deepspeed, 2 CPU ranks) -> evaluate each stage on its own task, then the model beside
 # the training-prior baseline. Re-running resumes; DEMO_ARGS=--fresh starts over.
-demo: venv
+demo: venv wordnet
 	$(BIN)/litegpt demo $(DEMO_ARGS)
 
-test: venv
+# WordNet 3.0 for the authors' METEOR (litegpt/eval/reference_text.py): Debian's wordnet-base, installed when
+# missing and apt-get can (root); elsewhere the reference METEOR is reported as unavailable and its tests skip.
+wordnet:
+	@test -d /usr/share/wordnet || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null; } || \
+	  echo "make: WordNet not installed (apt-get install wordnet-base): the authors' METEOR will be unavailable"
+
+test: venv wordnet
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 clean-demo:

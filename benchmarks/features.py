@@ -71,12 +71,17 @@ def configs(workdir: Path):
     return tiny, dataclasses.replace(tiny, vision=full_vision)
 
 
-def cache_throughput(vision, shards: Path, batch_size: int, workers: int) -> float:
-    backbone = VisualBackbone(vision)
+def cache_throughput(vision, shards: Path, batch_size: int, workers: int, device: str = "cpu") -> float:
+    """Images/s of building the cache of `shards` (which it writes), the encoders' loading and warm-up excluded."""
+    backbone = VisualBackbone(vision).to(device)
     with torch.inference_mode():  # warm-up, outside the timing
-        backbone({e.name: torch.zeros(batch_size, 3, e.image_size, e.image_size) for e in vision.encoders})
+        backbone({e.name: torch.zeros(batch_size, 3, e.image_size, e.image_size, device=device, dtype=backbone.dtype)
+                  for e in vision.encoders})
+    if device == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    build_cache(shards, vision, backbone=backbone, batch_size=batch_size, workers=workers, progress=False)
+    build_cache(shards, vision, backbone=backbone, batch_size=batch_size, device=device, workers=workers,
+                progress=False)
     elapsed = time.perf_counter() - start
     return sum(1 for _ in open_cache(shards, vision).samples("train")) / elapsed
 

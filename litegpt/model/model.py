@@ -205,7 +205,9 @@ def build_llm(cfg: LLMConfig, lora: LoraSettings | None, load_weights: bool = Tr
         else:
             arch = dict(arch)
             config = AutoConfig.for_model(arch.pop("model_type"), **arch)
-        with torch.random.fork_rng(devices=[]):
+        # Random weights are made where they will run: on a GPU a 7B model initialises in seconds there.
+        gpu = [] if meta or not torch.cuda.is_available() else [torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=gpu), torch.device(f"cuda:{gpu[0]}" if gpu else torch.empty(0).device):
             torch.manual_seed(cfg.seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     model.requires_grad_(False)

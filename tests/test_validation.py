@@ -84,10 +84,10 @@ def test_every_figure_the_recipe_may_choose_is_one_the_validator_reports():
 
 
 def test_the_fraction_is_in_the_config_digest_and_the_other_eval_values_are_not():
-    base = load_train_config(RECIPE).digest()
+    base = load_train_config(RECIPE, ["eval.fraction=0.2"]).digest()
     assert load_train_config(RECIPE, ["eval.fraction=0.1"]).digest() != base
     for override in ("eval.every=5", "eval.generate=3", "eval.batch=2", "eval.best=parse/all_rate"):
-        assert load_train_config(RECIPE, [override]).digest() == base
+        assert load_train_config(RECIPE, ["eval.fraction=0.2", override]).digest() == base
 
 
 def recipe_on(shards: Path, *overrides: str):
@@ -96,10 +96,11 @@ def recipe_on(shards: Path, *overrides: str):
 
 def test_the_validation_split_is_recorded_and_both_at_once_refused_naming_them(make_shards, tmp_path):
     plain = make_shards(tmp_path / "plain", {"train": [6, 6], "test": [2]})
-    assert data_record(recipe_on(plain))["validation"] is None
+    assert data_record(recipe_on(plain, "eval.fraction=0"))["validation"] is None
     assert data_record(recipe_on(plain, "eval.fraction=0.3"))["validation"] == {"split": "train", "fraction": 0.3}
     with_val = make_shards(tmp_path / "with-val", {"train": [6], VALIDATION_SPLIT: [3], "test": [2]})
-    assert data_record(recipe_on(with_val))["validation"] == {"split": VALIDATION_SPLIT, "fraction": None}
+    assert data_record(recipe_on(with_val, "eval.fraction=0"))["validation"] == {"split": VALIDATION_SPLIT,
+                                                                                  "fraction": None}
     with pytest.raises(ValueError) as refused:
         validation_holdout(recipe_on(with_val, "eval.fraction=0.1"))
     assert str(refused.value).startswith(f"{with_val}: data.split = train, eval.fraction = 0.1: the shards have an "

@@ -12,7 +12,9 @@ agree). The sides, interleaved round after round so that a change in the machine
 - train.py of another checkout (`--compare DIR`, e.g. a `git worktree` of an earlier commit), same data.
 
 A rate is the timed samples over the timed seconds, after `--warmup` steps (train.py's: from its monitor's
-windows). Prints samples/s, tokens/s, TFLOP/s and MFU (when the peak is known: a GPU, or --peak-tflops).
+windows). Prints samples/s, tokens/s, TFLOP/s and MFU (when the peak is known: a GPU, or --peak-tflops), and
+for the in-process sides the process's CPU time per sample, which other jobs on a shared machine change far
+less than the wall time.
 
     python benchmarks/train_step.py --preset tiny --micro-batch 4,16                   # CPU
     python benchmarks/train_step.py --preset tiny --compare /tmp/before                # before / after a change
@@ -121,10 +123,10 @@ def sizes(batches: list, model) -> dict:
                          for t, b in zip(tokens, batches))}
 
 
-def rate(batches: list, model, seconds: float) -> dict:
+def rate(batches: list, model, seconds: float, cpu_seconds: float) -> dict:
     s = sizes(batches, model)
     return {"samples_per_s": s["samples"] / seconds, "tokens_per_s": s["tokens"] / seconds,
-            "tflops": s["flops"] / seconds / 1e12}
+            "tflops": s["flops"] / seconds / 1e12, "cpu_ms_per_sample": 1e3 * cpu_seconds / s["samples"]}
 
 
 def fresh_model(recipe):
@@ -155,7 +157,7 @@ def bare_loop(recipe, batches: list, warmup: int) -> tuple[dict, list[float]]:
     for i, batch in enumerate(batches):
         if i == warmup:
             sync()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
         loss = model(batch.to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, clip)
@@ -164,7 +166,8 @@ def bare_loop(recipe, batches: list, warmup: int) -> tuple[dict, list[float]]:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
     sync()
-    return rate(batches[warmup:], model, time.perf_counter() - start), [v.item() for v in losses]
+    return rate(batches[warmup:], model, time.perf_counter() - start, time.process_time() - cpu), \
+        [v.item() for v in losses]
 
 
 def engine_loop(recipe, batches: list, warmup: int) -> tuple[dict, list[float]]:
@@ -178,23 +181,28 @@ def engine_loop(recipe, batches: list, warmup: int) -> tuple[dict, list[float]]:
     for i, batch in enumerate(batches):
         if i == warmup:
             sync()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
         loss = engine(batch.to(engine.device)).loss
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach())
     sync()
-    return rate(batches[warmup:], model, time.perf_counter() - start), [v.item() for v in losses]
+    return rate(batches[warmup:], model, time.perf_counter() - start, time.process_time() - cpu), \
+        [v.item() for v in losses]
 
 
 class Prebuilt:
-    """A stream of batches already in memory (the Trainer's `MicroBatches`)."""
+    """A stream of batches already in memory (the Trainer's `MicroBatches`); notes the process's CPU time
+    when batch `warmup` and the last batch are asked for (the steps between are timed)."""
 
-    def __init__(self, batches: list):
-        self.items = batches
+    def __init__(self, batches: list, warmup: int):
+        self.items, self.warmup, self.cpu = batches, warmup, []
 
     def batches(self, epoch: int, skip: int = 0, per_epoch: int | None = None):
-        yield from ((epoch, b) for b in self.items[skip:per_epoch])
+        for i, batch in enumerate(self.items[skip:per_epoch], skip):
+            if i in (self.warmup, len(self.items) - 1):
+                self.cpu.append(time.process_time())
+            yield epoch, batch
 
 
 def trainer_loop(recipe_path: Path, run_dir: Path, batches: list, warmup: int) -> tuple[dict, list[float]]:
@@ -205,10 +213,12 @@ def trainer_loop(recipe_path: Path, run_dir: Path, batches: list, warmup: int) -
     recipe = load_recipe(recipe_path, [f"run.dir={run_dir}"], ROOT / "ds_configs/zero2.json", 1)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         trainer = build_trainer(recipe, 0, 1, resume=False)  # its progress bar as train.py's, not shown
-        trainer.stream = Prebuilt(batches)
+        trainer.stream = stream = Prebuilt(batches, warmup)
         trainer.fit()
         trainer.close()
-    return monitored(recipe.cfg.stage_dir, warmup)
+    out, losses = monitored(recipe.cfg.stage_dir, warmup)
+    timed = sum(len(b.keys) for b in batches[warmup:-1])
+    return {**out, "cpu_ms_per_sample": 1e3 * (stream.cpu[1] - stream.cpu[0]) / timed}, losses
 
 
 def train_py(root: Path, recipe_path: Path, run_dir: Path, warmup: int) -> tuple[dict, list[float]]:
@@ -309,18 +319,25 @@ def main() -> None:
             if spread > 1e-3:
                 raise SystemExit("the sides did not train on the same batches")
 
-        print("\n| micro-batch | loop | samples/s | tokens/s | TFLOP/s | MFU | loader wait | / bare (per round) |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| micro-batch | loop | samples/s | tokens/s | TFLOP/s | MFU | loader wait | / bare (per round) | "
+              "CPU ms / sample | bare / it (CPU) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for m in micros:
             bare = results[(m, "bare PyTorch")]
+            bare_cpu = sum(r["cpu_ms_per_sample"] for r in bare) / len(bare)
             for name in sides:
                 rows = results[(m, name)]
                 mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
                 mfu = f"{mean['tflops'] / peak:.1%}" if peak else "-"
                 wait = f"{mean['data_share']:.0%}" if "data_share" in mean else "-"
                 ratios = ", ".join(f"{a['samples_per_s'] / b['samples_per_s']:.2f}" for a, b in zip(rows, bare))
+                cpu, cpu_ratio = "-", ""
+                if "cpu_ms_per_sample" in mean:
+                    cpu = f"{mean['cpu_ms_per_sample']:.1f}"
+                    cpu_ratio = "" if rows is bare else f"{bare_cpu / mean['cpu_ms_per_sample']:.2f}"
                 print(f"| {m} | {name} | {mean['samples_per_s']:.1f} | {mean['tokens_per_s']:,.0f} | "
-                      f"{mean['tflops']:.3f} | {mfu} | {wait} | {'' if rows is bare else ratios} |")
+                      f"{mean['tflops']:.3f} | {mfu} | {wait} | {'' if rows is bare else ratios} | {cpu} | "
+                      f"{cpu_ratio} |")
 
 
 if __name__ == "__main__":

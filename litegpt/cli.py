@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("litegpt.data.prepare", "convert a VinDr-CXR root (PhysioNet or Kaggle layout) into WebDataset shards"),
     "inspect": ("litegpt.data.inspection", "summarise a shard set and draw samples with their boxes"),
     "tiny-weights": ("litegpt.model.tiny", "write a model config's random weights and tokenizer in the real on-disk formats"),
+    "reduced-weights": ("litegpt.model.reduced", "write a model config at fewer decoder layers, with random weights in the real formats (the paper's shapes on CPU)"),
     "model-summary": ("litegpt.model.summary", "print the model's modules with trainable/frozen parameter counts (no weights loaded)"),
     "cache-features": ("litegpt.features", "run the frozen encoders once over a shard set and write the feature cache"),
     "evaluate": ("litegpt.eval.evaluate", "generate on a shard split with a trained stage and write predictions, metrics and a report"),

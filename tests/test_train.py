@@ -7,6 +7,7 @@ second run of the same stage 1 and compares it step by step with the first.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -246,6 +247,22 @@ def test_resuming_on_re_prepared_shards_is_refused_naming_the_change(recipes, pr
         "'train' differ: re-prepared with label_policy 'drop' -> 'union'): use a new run.dir, or --resume none to "
         "start over, or restore the data it was trained on to continue it"]
     assert (root / "runs/redata/stage1/metrics.jsonl").read_text() == before
+
+
+def test_fp32_trains_a_model_whose_weights_ship_in_bf16(recipes, tiny_config, tmp_path):
+    """The paper's LLM is bf16 (llm.dtype); `train.precision: fp32` (a CPU, a GPU without bf16) trains it in fp32
+    instead of failing at the first step on mixed bf16/fp32 weights."""
+    from safetensors.torch import load_file
+
+    model = tmp_path / "model_bf16.yaml"
+    data = json.loads(json.dumps(tiny_config.to_dict()))
+    data["llm"]["dtype"] = "bfloat16"
+    model.write_text(yaml.safe_dump(data))
+    run(recipes["stage1"], 1, f"model={model}", f"run.dir={tmp_path / 'runs'}", "train.precision=fp32",
+        "train.max_steps=2", "checkpoint.save_every=2")
+    assert all(map(math.isfinite, losses(tmp_path / "runs/stage1").values()))
+    projector = load_file(tmp_path / "runs/stage1/export/projector.safetensors")
+    assert {t.dtype for t in projector.values() if t.is_floating_point()} == {torch.float32}
 
 
 def test_bad_configs_are_one_clear_message(recipes, tmp_path):

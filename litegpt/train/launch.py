@@ -95,6 +95,8 @@ def build_trainer(recipe: Recipe, rank: int, world: int, *, resume: bool, preemp
         load_export(model, Path(cfg.stage.init_from))
     if cfg.run.perturb_init:
         perturb(model, cfg.run.perturb_init, cfg.run.perturb_seed)
+    if not recipe.bf16:  # fp32 training computes in fp32, whatever dtype the weights ship in (the paper's: bf16)
+        model.float()
     optimizer, scheduler = build_optimizer(model, cfg.optim, schedule.total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=recipe.deepspeed)

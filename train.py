@@ -4,7 +4,8 @@
     torchrun --nproc-per-node 4 train.py ...      srun python train.py ...      python train.py ...
 
 The recipe is validated before ranks start and before torch, DeepSpeed or any model code is loaded; then the
-stage is built (litegpt.train.launch) and trained (litegpt.train.trainer.Trainer.fit). Exit codes: 0 done,
+stage is built (litegpt.train.launch), with its validator (litegpt.eval.validation) when the recipe holds
+out a validation split, and trained (litegpt.train.trainer.Trainer.fit). Exit codes: 0 done,
 2 bad configuration, 3 too many non-finite steps in a row, 75 "preempted, checkpoint written: requeue me"
 (the SLURM scripts do).
 """
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed.setup_logging(rank)
     try:
         trainer = build_trainer(recipe, rank, world, resume=args.resume == "auto", preemption=preemption,
-                                inject_nonfinite=args.inject_nonfinite)
+                                inject_nonfinite=args.inject_nonfinite, validation=build_validator(recipe, rank, world))
     except (ConfigError, ResumeError, ShardError, FeatureCacheError) as exc:
         return refuse(exc)
     code = trainer.fit()
@@ -74,6 +75,27 @@ def main(argv: list[str] | None = None) -> int:
         code = ExitCode.NONFINITE
     trainer.close()
     return code
+
+
+def build_validator(recipe, rank: int, world: int):
+    """The stage's `Validator`, or None when it has no validation split (litegpt.train.config.validation_holdout)."""
+    from litegpt.eval.validation import ValidationPlan, Validator
+
+    cfg, holdout = recipe.cfg, recipe.holdout
+    if holdout is None:
+        return None
+    plan = ValidationPlan(Path(cfg.data.shards), cfg.data.features, cfg.model, holdout, cfg.stage.tasks,
+                          cfg.stage.task_token, cfg.stage.findings_only, cfg.eval.batch, cfg.eval.generate,
+                          cfg.stage_dir)
+    validator = Validator(plan, recipe.model_cfg, rank, world)
+    if rank == 0:
+        held = (f"split {holdout.split!r}" if holdout.fraction is None else
+                f"{holdout.fraction:.0%} of split {holdout.split!r} by image_id hash")
+        when = f"every {cfg.eval.every} steps and at the end" if cfg.eval.every else "at the end of the stage"
+        print(f"validation on {len(validator.images)} images ({held}): the loss on {validator.samples} samples, "
+              f"{min(cfg.eval.generate, len(validator.images))} images generated, {when}; export-best follows "
+              f"{cfg.eval.best}", flush=True)
+    return validator
 
 
 def refuse(exc: Exception) -> int:

@@ -47,11 +47,19 @@ def run(recipe: Path, ranks: int, *overrides: str, check: bool = True,
 
 def losses(stage_dir: Path) -> dict[int, float]:
     """Per-step loss from metrics.jsonl; a resumed run's later lines replace the repeated steps."""
-    out = {}
-    for line in (stage_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out[row["step"]] = row["loss"]
-    return out
+    return {step: row["loss"] for step, row in metric_rows(stage_dir, "loss").items()}
+
+
+def validations(stage_dir: Path) -> dict[int, dict[str, float]]:
+    """Per-step validation figures from metrics.jsonl (the time each took left out)."""
+    return {step: {k: v for k, v in row.items() if k not in ("step", "val/seconds")}
+            for step, row in metric_rows(stage_dir, "val/loss").items()}
+
+
+def metric_rows(stage_dir: Path, key: str) -> dict[int, dict]:
+    """The metrics.jsonl lines with `key` by step, the last one of a step kept."""
+    lines = (json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines())
+    return {row["step"]: row for row in lines if key in row}
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +77,9 @@ def recipes(tiny_config, prepared, tmp_path_factory) -> dict[str, Path]:
         data["train"].update(micro_batch=2, epochs=6)
         data["checkpoint"]["save_every"] = 4
         data["log"]["every"] = 2
-        if name == "stage2":
-            data["stage"]["init_from"] = str(root / "runs/a/stage1/export")
+        data["eval"] = {"fraction": 0.25, "every": 4, "generate": 2, "batch": 4, "best": "loss"}
+        if name == "stage2":  # from stage 1's best validation loss (its last step's export is beside it)
+            data["stage"]["init_from"] = str(root / "runs/a/stage1/export-best")
         out[name] = root / f"{name}.yaml"
         out[name].write_text(yaml.safe_dump(data))
     out["root"] = root
@@ -100,6 +109,24 @@ def test_both_stages_train_checkpoint_and_export(two_rank_run):
     assert first[max(first)] < first[1]  # it learns something
 
 
+def test_validation_runs_every_eval_every_steps_and_at_the_end_and_export_best_holds_the_best(two_rank_run):
+    for stage in ("stage1", "stage2"):
+        stage_dir = two_rank_run / stage
+        last = max(losses(stage_dir))
+        figures = validations(stage_dir)
+        assert sorted(figures) == sorted({*range(4, last + 1, 4), last})
+        assert all(math.isfinite(f["val/loss"]) and 0 <= f["val/parse/all_rate"] <= 1 for f in figures.values())
+        best_step = min(figures, key=lambda s: (figures[s]["val/loss"], s))
+        info = json.loads((stage_dir / "export-best/export.json").read_text())
+        assert (info["step"], info["best"]) == (best_step, {"figure": "loss", "value": figures[best_step]["val/loss"]})
+        assert json.loads((stage_dir / "export/export.json").read_text())["step"] == last
+    task_figures = {"stage1": "val/strict/local/micro_avg_f1", "stage2": "val/strict/global/micro_avg_f1"}
+    for stage, name in task_figures.items():
+        assert all(name in f for f in validations(two_rank_run / stage).values())
+    first = validations(two_rank_run / "stage1")
+    assert first[max(first)]["val/loss"] < first[min(first)]["val/loss"]  # the validation loss falls too
+
+
 def test_checkpoint_consolidates_with_zero_to_fp32(two_rank_run, tiny_config):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
@@ -125,7 +152,7 @@ def test_checkpoint_consolidates_with_zero_to_fp32(two_rank_run, tiny_config):
 
 def test_stage2_starts_from_stage1_export(two_rank_run):
     config = yaml.safe_load((two_rank_run / "stage2/config.yaml").read_text())
-    assert config["stage"]["init_from"].endswith("stage1/export") and config["stage"]["tasks"] == ["vqa"]
+    assert config["stage"]["init_from"].endswith("stage1/export-best") and config["stage"]["tasks"] == ["vqa"]
     assert json.loads((two_rank_run / "stage2/export/export.json").read_text())["stage"] == "stage2"
 
 
@@ -143,6 +170,11 @@ def test_tensorboard_holds_the_metrics(two_rank_run):
     logged = {e.step: e.value for e in acc.Scalars("train/loss")}
     assert logged.keys() == steps.keys()
     assert all(abs(logged[s] - steps[s]) < 1e-5 for s in steps)
+    figures = validations(two_rank_run / "stage1")
+    for name in ("val/loss", "val/parse/all_rate", "val/strict/local/micro_avg_f1"):
+        logged = {e.step: e.value for e in acc.Scalars(name)}
+        assert logged == pytest.approx({s: f[name] for s, f in figures.items()}, abs=1e-6)
+    assert {e.step for e in acc.Scalars("val/seconds")} == figures.keys()
 
 
 def test_killed_run_resumes_with_identical_losses(recipes, two_rank_run):
@@ -169,11 +201,19 @@ def test_killed_run_resumes_with_identical_losses(recipes, two_rank_run):
     resumed = losses(stage_dir)
     assert resumed.keys() == reference.keys()
     assert max(abs(resumed[s] - reference[s]) for s in reference) <= 1e-6
+    # the same validations at the same steps, and the same best export
+    reference_val, resumed_val = validations(two_rank_run / "stage1"), validations(stage_dir)
+    assert resumed_val.keys() == reference_val.keys()
+    assert all(resumed_val[s] == pytest.approx(reference_val[s], abs=1e-6) for s in reference_val)
+    best = [json.loads((d / "export-best/export.json").read_text()) for d in (two_rank_run / "stage1", stage_dir)]
+    assert (best[0]["step"], best[0]["best"]["figure"]) == (best[1]["step"], best[1]["best"]["figure"])
+    assert best[0]["best"]["value"] == pytest.approx(best[1]["best"]["value"], abs=1e-6)
 
 
 def test_preemption_signal_checkpoints_and_exits_for_requeue(recipes, two_rank_run):
     data = yaml.safe_load(recipes["stage1"].read_text())
     data["run"]["dir"] = str(recipes["root"] / "runs/preempted")
+    data["eval"]["generate"] = 0  # validation's loss only: its generations are checked on the session's run
     data["checkpoint"]["save_every"] = 1000
     recipe = recipes["root"] / "preempted.yaml"
     recipe.write_text(yaml.safe_dump(data))
@@ -200,11 +240,12 @@ def test_preemption_signal_checkpoints_and_exits_for_requeue(recipes, two_rank_r
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(recipes, two_rank_run):
     data = yaml.safe_load(recipes["stage1"].read_text())
     data["run"]["dir"] = str(recipes["root"] / "runs/nonfinite")
+    data["eval"]["generate"] = 0  # validation's loss only: its generations are checked on the session's run
     data["train"].update(epochs=2, max_nonfinite=2)
     recipe = recipes["root"] / "nonfinite.yaml"
     recipe.write_text(yaml.safe_dump(data))
     run(recipe, 1, flags=("--inject-nonfinite", "2"))
-    rows = [json.loads(line) for line in (recipes["root"] / "runs/nonfinite/stage1/metrics.jsonl").open()]
+    rows = list(metric_rows(recipes["root"] / "runs/nonfinite/stage1", "loss").values())  # steps, in order
     assert rows[1]["loss"] != rows[1]["loss"] and rows[1]["skipped_microbatches"] > 0  # NaN, counted
     assert rows[-1]["loss"] == rows[-1]["loss"]  # and training went on
     data["run"]["dir"] = str(recipes["root"] / "runs/nonfinite2")
@@ -229,6 +270,7 @@ def test_resuming_on_re_prepared_shards_is_refused_naming_the_change(recipes, pr
     shutil.copytree(prepared, shards)  # with its feature cache: the run below encodes nothing
     data = yaml.safe_load(recipes["stage1"].read_text())
     data["run"]["dir"] = str(root / "runs/redata")
+    data["eval"]["generate"] = 0  # validation's loss only: its generations are checked on the session's run
     data["data"]["shards"] = str(shards)
     data["train"]["max_steps"] = 2
     recipe = root / "redata.yaml"
@@ -316,6 +358,7 @@ def test_a_skipped_step_leaves_weights_optimizer_and_schedule_untouched(recipes)
 
     data = yaml.safe_load(recipes["stage1"].read_text())
     data["run"]["dir"] = str(recipes["root"] / "runs/skipped")
+    data["eval"]["generate"] = 0  # validation's loss only: its generations are checked on the session's run
     recipe = recipes["root"] / "skipped.yaml"
     recipe.write_text(yaml.safe_dump(data))
     run(recipe, 2, "train.grad_accum=2", "train.max_steps=3", "optim.weight_decay=0.1", "checkpoint.save_every=1",

@@ -179,7 +179,8 @@ def test_the_loss_is_the_token_weighted_mean_over_the_whole_split(tiny_model, ti
                 pixels = tiny_model.vision.preprocess(sample["png"])
                 batch = tiny_model.inputs.train_batch([TrainSample("k", render_prompt(task), render_answer(task, meta),
                                                                    pixels, Visual.LIVE)])
-                logits = tiny_model.llm(inputs_embeds=tiny_model._embeds(batch), attention_mask=batch.attention_mask).logits
+                logits = tiny_model.llm(inputs_embeds=tiny_model._embeds(batch),
+                                        attention_mask=batch.attention_mask).logits
                 labels = batch.labels[0, 1:]
                 answer = labels != IGNORE_INDEX
                 total += F.cross_entropy(logits[0, :-1][answer].double(), labels[answer], reduction="sum").item()

@@ -171,7 +171,8 @@ class Validator:
             source = open_cache(plan.shards, self.model_cfg.vision, plan.model_path).directory
         by_key = {self.images[i]["__key__"]: i for i in wanted}
         shards = dict.fromkeys(self.images[i]["__shard__"] for i in sorted(wanted))
-        raw = {by_key[s["__key__"]]: s for s in read_samples(source / name for name in shards) if s["__key__"] in by_key}
+        raw = {by_key[s["__key__"]]: s for s in read_samples(source / name for name in shards)
+               if s["__key__"] in by_key}
         missing = sorted(set(by_key) - {self.images[i]["__key__"] for i in raw})
         if missing:
             raise ConfigError(f"{source}: validation sample(s) {missing[:5]} not found in their shards")

@@ -22,7 +22,7 @@ from litegpt.train.checkpoint import Checkpointer
 from litegpt.train.config import Recipe
 from litegpt.train.monitor import Monitor, device_peak_tflops, flop_model_of
 from litegpt.train.optim import build_optimizer
-from litegpt.train.trainer import Schedule, Trainer, TrainState
+from litegpt.train.trainer import BestValidation, Schedule, Trainer, TrainState, Validation
 
 
 def start_ranks(dist_env: distributed.DistEnv) -> tuple[int, int]:
@@ -71,8 +71,9 @@ def perturb(model: torch.nn.Module, scale: float, seed: int) -> None:
 
 
 def build_trainer(recipe: Recipe, rank: int, world: int, *, resume: bool, preemption: Preemption | None = None,
-                  inject_nonfinite: Collection[int] = ()) -> Trainer:
-    """The stage's Trainer on started ranks; raises ConfigError or ResumeError for a stage that cannot run."""
+                  inject_nonfinite: Collection[int] = (), validation: Validation | None = None) -> Trainer:
+    """The stage's Trainer on started ranks, validating with `validation` (None: no validation); raises
+    ConfigError or ResumeError for a stage that cannot run."""
     import deepspeed
 
     from litegpt.model.export import load_export
@@ -103,10 +104,11 @@ def build_trainer(recipe: Recipe, rank: int, world: int, *, resume: bool, preemp
     torch.manual_seed(cfg.run.seed + 1000 * rank)  # LoRA dropout differs across ranks, reproducibly
 
     checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, rank, world, recipe.data)
-    state = TrainState()
+    state, best = TrainState(), BestValidation()
     restored = checkpointer.load(engine, cfg.digest()) if resume else None
     if restored is not None:
         state.load_state_dict(restored)
+        best = BestValidation(**restored.get("best_validation", {}))
     if rank == 0:
         cfg.stage_dir.mkdir(parents=True, exist_ok=True)
         (cfg.stage_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -117,4 +119,5 @@ def build_trainer(recipe: Recipe, rank: int, world: int, *, resume: bool, preemp
               flush=True)
     monitor = Monitor(cfg.stage_dir, rank == 0, cfg.log.every, schedule.total_steps, state.step, flop_model_of(model),
                       device_peak_tflops(cfg.log.peak_tflops), world)
-    return Trainer(cfg, engine, stream, schedule, checkpointer, monitor, state, preemption, inject_nonfinite)
+    return Trainer(cfg, engine, stream, schedule, checkpointer, monitor, state, preemption, inject_nonfinite,
+                   validation, best)

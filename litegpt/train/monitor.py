@@ -190,6 +190,22 @@ class Monitor:
             self._write(record)
         return record
 
+    def validation(self, step: int, figures: dict[str, float], seconds: float) -> None:
+        """A validation's figures, on rank 0 under `val/` in TensorBoard, as one metrics.jsonl line (with the
+        step) and one console line, with `val/seconds`, the time it took; the throughput window leaves that
+        time out."""
+        self.window.start += seconds
+        if not self.is_main:
+            return
+        row = {**{f"val/{name}": value for name, value in figures.items()}, "val/seconds": seconds}
+        self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
+        self.jsonl.flush()
+        for tag, value in row.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in figures.items())
+        self.bar.write(f"validation at step {step}: {shown} ({seconds:.1f} s)")
+
     def _perf(self) -> Perf:
         w = self.window
         seconds = max(time.perf_counter() - w.start, 1e-9)

@@ -64,7 +64,8 @@ class StreamSpec:
 def trained_on(meta: dict, split: str, findings_only: bool, holdout: Holdout | None) -> bool:
     """Whether a sample of `split` is trained on: not a validation image, and with findings when the stage
     trains on those only."""
-    return (holdout is None or holdout.trains(split, meta["image_id"])) and (not findings_only or bool(meta["findings"]))
+    held_out = holdout is not None and not holdout.trains(split, meta["image_id"])
+    return not held_out and (not findings_only or bool(meta["findings"]))
 
 
 def eligible_counts(shards: Path, split: str, findings_only: bool, holdout: Holdout | None = None) -> dict[str, int]:

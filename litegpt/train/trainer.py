@@ -11,6 +11,13 @@ waits for the device (token counts are read at the monitor's reports). The engin
 anything with the members used here: call, `backward`, `step`, `skipped_steps`, `get_global_grad_norm`,
 `lr_scheduler`, `device`, `module`, and what the `Checkpointer` calls. `litegpt.train.launch` builds a
 Trainer from a recipe.
+
+With a `Validation` (train.py builds `litegpt.eval.validation.Validator` when the stage has a validation
+split), the weights are validated every `eval.every` optimizer steps and after the last one, before that
+step's checkpoint; whenever `eval.best` improves, rank 0 writes them to `<stage>/export-best/` (its
+export.json records the step, the figure and its value). The best so far (`BestValidation`) is saved in
+every checkpoint beside the `TrainState`, so a resumed run validates at the same steps with the same values
+and keeps the same export-best.
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ from litegpt.distributed import ExitCode, Preemption
 from litegpt.model.config import ConfigError
 from litegpt.model.inputs import Batch
 from litegpt.train.checkpoint import Checkpointer
-from litegpt.train.config import TrainConfig, TrainSection
+from litegpt.train.config import VALIDATION_FIGURES, TrainConfig, TrainSection
 from litegpt.train.monitor import Counters, MicroStep, Monitor, StepRecord
+
+BEST_EXPORT = "export-best"  # <stage>/export-best: the weights of the step with the best eval.best
 
 
 @dataclass
@@ -51,6 +60,20 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, int(state[f.name]))
+
+
+@dataclass
+class BestValidation:
+    """eval.best's best value so far and the step of it (export-best/ holds that step's weights); a checkpoint's
+    client state holds it under "best_validation"."""
+
+    value: float | None = None
+    step: int | None = None
+
+    def improves(self, value: float | None, higher_is_better: bool) -> bool:
+        """A finite value beats none so far and any worse one."""
+        return value is not None and math.isfinite(value) and (
+            self.value is None or (value > self.value if higher_is_better else value < self.value))
 
 
 @dataclass(frozen=True)
@@ -83,18 +106,29 @@ class MicroBatches(Protocol):
     def batches(self, epoch: int, skip: int = 0, per_epoch: int | None = None) -> Iterator[tuple[int, Batch]]: ...
 
 
+class Validation(Protocol):
+    """What the trainer validates with (`litegpt.eval.validation.Validator`): figures by name (those of
+    `VALIDATION_FIGURES` it can give), the same on every rank, from the module being trained, which it leaves
+    as it found it (modes, buffers, RNG)."""
+
+    def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]: ...
+
+
 class Trainer:
     """One stage's training on started ranks: every rank runs the same loop in step."""
 
     def __init__(self, cfg: TrainConfig, engine, stream: MicroBatches, schedule: Schedule, checkpointer: Checkpointer,
                  monitor: Monitor, state: TrainState | None = None, preemption: Preemption | None = None,
-                 inject_nonfinite: Collection[int] = ()):
-        """`inject_nonfinite`: optimizer steps (from 1) whose micro-batches count as non-finite (fault injection)."""
+                 inject_nonfinite: Collection[int] = (), validation: Validation | None = None,
+                 best: BestValidation | None = None):
+        """`inject_nonfinite`: optimizer steps (from 1) whose micro-batches count as non-finite (fault injection);
+        `best`: as a resumed checkpoint recorded it."""
         self.cfg, self.engine, self.stream, self.schedule = cfg, engine, stream, schedule
         self.checkpointer, self.monitor = checkpointer, monitor
         self.state = TrainState() if state is None else state
         self.preemption = Preemption() if preemption is None else preemption
         self.inject_nonfinite = frozenset(inject_nonfinite)
+        self.validation, self.best = validation, BestValidation() if best is None else best
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.nonfinite_in_a_row = 0
         self.stop_requested = False  # some rank was asked to stop (preemption), as of the last step's end
@@ -124,6 +158,10 @@ class Trainer:
                 self._say(f"train.py: preemption signal: checkpoint written at step {state.step}; "
                           f"exit {ExitCode.PREEMPTED.value} to be requeued")
                 return ExitCode.PREEMPTED
+            every = self.cfg.eval.every
+            due = state.step == schedule.total_steps or (every > 0 and state.step % every == 0)
+            if self.validation is not None and due:
+                self.validate()
             if state.step % self.cfg.checkpoint.save_every == 0 or state.step == schedule.total_steps:
                 self.save()
         return ExitCode.DONE
@@ -179,27 +217,51 @@ class Trainer:
         return self.monitor.step(state.step, epoch, sum(finite) / len(finite) if finite else math.nan, lr,
                                  grad_norm, counters)
 
+    def validate(self) -> dict[str, float]:
+        """Validate this step's weights (every rank calls it); export-best/ when eval.best improved. The seconds
+        it took are logged with the figures and left out of the training throughput."""
+        start = time.perf_counter()
+        figures = self.validation(self.engine.module, self.state.step)
+        name = self.cfg.eval.best
+        if self.best.improves(figures.get(name), VALIDATION_FIGURES[name].higher_is_better):
+            refused = self._export(BEST_EXPORT, {"best": {"figure": name, "value": figures[name]}})
+            if refused is None:
+                self.best = BestValidation(figures[name], self.state.step)
+            else:  # non-finite weights: the previous export-best stays the best
+                self._say(f"train.py: {refused}", sys.stderr)
+        self.monitor.validation(self.state.step, figures, time.perf_counter() - start)
+        return figures
+
     def save(self) -> None:
         """A checkpoint of this step (every rank calls it)."""
-        self.checkpointer.save(self.engine, {**self.state.state_dict(), "config_digest": self.cfg.digest()})
+        self.checkpointer.save(self.engine, {**self.state.state_dict(), "config_digest": self.cfg.digest(),
+                                             "best_validation": dataclasses.asdict(self.best)})
 
     def export(self) -> None:
-        """The stage's export (adapter, projector, model config), written by rank 0 while the others wait."""
+        """The stage's export of its last step (adapter, projector, model config); rank 0 raises an ExportError."""
+        refused = self._export("export")
+        if refused is not None and self.rank == 0:
+            raise refused
+        stage_dir = self.cfg.stage_dir
+        best = ("" if self.best.step is None else
+                f" (best {self.cfg.eval.best}: step {self.best.step}, in {stage_dir / BEST_EXPORT})")
+        self._say(f"stage {self.cfg.stage.name} done: export in {stage_dir / 'export'}{best}, TensorBoard: "
+                  f"tensorboard --logdir {stage_dir / 'tensorboard'} --host 127.0.0.1")
+
+    def _export(self, name: str, info: dict | None = None) -> Exception | None:
+        """`<stage>/<name>/` of the current weights, written by rank 0 while the others wait; rank 0's
+        ExportError (non-finite weights: nothing written), or None, on every rank."""
         from litegpt.model.export import ExportError, save_export
 
-        stage_dir, refused = self.cfg.stage_dir, None
+        refused = None
         if self.rank == 0:
             try:
-                save_export(self.engine.module, stage_dir / "export", {
+                save_export(self.engine.module, self.cfg.stage_dir / name, {
                     "stage": self.cfg.stage.name, "step": self.state.step, "tasks": list(self.cfg.stage.tasks),
-                    "task_token": self.cfg.stage.task_token})
-                print(f"stage {self.cfg.stage.name} done: export in {stage_dir / 'export'}, TensorBoard: "
-                      f"tensorboard --logdir {stage_dir / 'tensorboard'} --host 127.0.0.1", flush=True)
-            except ExportError as exc:  # raised after the barrier, so the other ranks are not left waiting
+                    "task_token": self.cfg.stage.task_token, **(info or {})})
+            except ExportError as exc:  # returned after the barrier, so the other ranks are not left waiting
                 refused = exc
-        dist.barrier()
-        if refused is not None:
-            raise refused
+        return _from_rank0(refused)
 
     def close(self) -> None:
         self.monitor.close()
@@ -207,6 +269,15 @@ class Trainer:
     def _say(self, message: str, stream: TextIO | None = None) -> None:
         if self.rank == 0:
             print(message, file=stream or sys.stdout, flush=True)
+
+
+def _from_rank0(error: Exception | None) -> Exception | None:
+    """Rank 0's error (or None) on every rank; the call is the barrier."""
+    if dist.get_world_size() == 1:
+        return error
+    shared = [error]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _to_host(rows: torch.Tensor, grad_norm: torch.Tensor | float | None) -> tuple[list[list[float]], float | None]:

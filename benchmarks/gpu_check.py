@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import subprocess
@@ -49,7 +50,8 @@ class Plan:
     """What one check runs: the GPU figures, or the same code in miniature on CPU (`--dry-run`)."""
 
     layers: int
-    images: int
+    images: int  # synthetic training images (about half have findings: stage 1's samples)
+    test_images: int
     micro_batches: tuple[int, ...]
     warmup: int  # optimizer steps before the timed window
     steps: int  # timed optimizer steps
@@ -60,9 +62,9 @@ class Plan:
     @classmethod
     def of(cls, dry_run: bool) -> Plan:
         if dry_run:
-            return cls(layers=1, images=24, micro_batches=(1, 2), warmup=1, steps=2, authors_batch=2,
+            return cls(layers=1, images=16, test_images=4, micro_batches=(1, 2), warmup=1, steps=2, authors_batch=2,
                        generation=(1, 2), new_tokens=3)
-        return cls(layers=32, images=192, micro_batches=(1, 2, 4, 8), warmup=5, steps=15, authors_batch=4,
+        return cls(layers=32, images=192, test_images=16, micro_batches=(1, 2, 4, 8), warmup=5, steps=15, authors_batch=4,
                    generation=(1, 16), new_tokens=64)
 
 
@@ -119,7 +121,7 @@ def model_config(out: Path, layers: int, tokenizer: Path | None) -> Path:
     return path
 
 
-def dataset(out: Path, images: int) -> Path:
+def dataset(out: Path, plan: Plan) -> Path:
     """Synthetic VinDr-CXR DICOMs (half with findings) prepared into image shards, as a user prepares theirs."""
     from litegpt.data.policy import PolicyConfig
     from litegpt.data.prepare import PrepareConfig, prepare
@@ -127,35 +129,69 @@ def dataset(out: Path, images: int) -> Path:
 
     shards = out / "shards"
     if not (shards / "manifest.json").is_file():
-        root = synthesize(out / "vindr", images, 16, seed=0, max_side_px=1024, progress=False)
+        root = synthesize(out / "vindr", plan.images, plan.test_images, seed=0, max_side_px=1024, progress=False)
         prepare(PrepareConfig(root=root, out=shards, samples_per_shard=32, workers=min(8, os.cpu_count() or 1),
                               policy=PolicyConfig("union")))
     return shards
 
 
+def overrides(model_yaml: Path, shards: Path, run_dir: Path, micro: int, plan: Plan) -> list[str]:
+    """configs/stage1.yaml (the paper's recipe) pointed at the check's model and data, for a short timed run."""
+    total = plan.warmup + plan.steps
+    values = {"model": model_yaml, "run.dir": run_dir, "data.shards": shards, "data.num_workers": 2,
+              "train.micro_batch": micro, "train.precision": "bf16", "train.max_steps": total,
+              "log.every": plan.warmup if plan.steps % plan.warmup == 0 else 1, "checkpoint.save_every": total,
+              "optim.lr": 1e-4, "optim.min_lr": 1e-4, "optim.warmup_lr": 1e-4, "optim.warmup_steps": 0}
+    return [f"{key}={value}" for key, value in values.items()]
+
+
 def train(model_yaml: Path, shards: Path, run_dir: Path, micro: int, plan: Plan) -> dict:
     """`train.py` stage 1 as a user runs it on one device; figures from its own metrics.jsonl."""
-    total = plan.warmup + plan.steps
-    overrides = {"model": str(model_yaml), "run.dir": str(run_dir), "data.shards": str(shards),
-                 "data.num_workers": 2, "train.micro_batch": micro, "train.precision": "bf16", "train.max_steps": total,
-                 "log.every": plan.warmup if plan.steps % plan.warmup == 0 else 1, "checkpoint.save_every": total,
-                 "optim.lr": 1e-4, "optim.min_lr": 1e-4, "optim.warmup_lr": 1e-4, "optim.warmup_steps": 0}
     command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/stage1.yaml"),
                "--deepspeed", str(ROOT / "ds_configs/zero2.json"), "--resume", "none"]
-    for key, value in overrides.items():
-        command += ["--set", f"{key}={value}"]
+    for item in overrides(model_yaml, shards, run_dir, micro, plan):
+        command += ["--set", item]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"train.py at micro-batch {micro} exited {done.returncode}:\n{done.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "stage1" / "metrics.jsonl").read_text().splitlines()]
     perf = [r for r in rows if "samples_per_s" in r][-1]  # the window after the warm-up
-    losses = [r["loss"] for r in rows]
-    third = max(1, len(losses) // 3)
-    return {"micro_batch": micro, "wall_s": time.perf_counter() - start,
+    return {"name": "train.py ZeRO-2", "micro_batch": micro, "wall_s": time.perf_counter() - start,
             **{k: perf.get(k) for k in ("samples_per_s", "tokens_per_s", "tflops_per_device", "mfu", "peak_gib",
-                                        "peak_rss_gib", "data_share")},
-            "losses": losses, "loss_finite": all(map(_finite, losses)),
+                                        "peak_rss_gib", "data_share")}, **loss_checks([r["loss"] for r in rows])}
+
+
+def authors(model_yaml: Path, shards: Path, work: Path, plan: Plan) -> dict:
+    """The authors' training configuration on the same model and data: fp16 autocast with loss scaling, eager
+    attention, batch `plan.authors_batch`, a plain PyTorch loop (benchmarks/train_step.py's bare loop)."""
+    from train_step import bare_loop, stream_batches
+
+    from litegpt.train.config import load_recipe
+    from litegpt.train.monitor import device_peak_tflops
+
+    data = yaml.safe_load(model_yaml.read_text())
+    data["llm"].update(dtype="float16", attn_implementation="eager")
+    authors_yaml = model_yaml.with_name("model_authors.yaml")
+    authors_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
+    recipe = load_recipe(ROOT / "configs/stage1.yaml", overrides(authors_yaml, shards, work / "run-authors",
+                                                                 plan.authors_batch, plan),
+                         ROOT / "ds_configs/zero2.json", 1)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    row, losses = bare_loop(recipe, stream_batches(recipe), plan.warmup, fp16_autocast=True)
+    peak = device_peak_tflops(None)
+    return {"name": "authors: fp16 autocast, eager", "micro_batch": plan.authors_batch,
+            "samples_per_s": row["samples_per_s"], "tokens_per_s": row["tokens_per_s"],
+            "tflops_per_device": row["tflops"], "mfu": row["tflops"] / peak if peak else None,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "data_share": None, **loss_checks(losses)}
+
+
+def loss_checks(losses: list[float]) -> dict:
+    """The losses, whether all are finite, and whether the last third's mean is below the first third's."""
+    third = max(1, len(losses) // 3)
+    return {"losses": losses, "loss_finite": all(map(math.isfinite, losses)),
             "loss_falls": sum(losses[-third:]) / third < sum(losses[:third]) / third}
 
 
@@ -175,32 +211,33 @@ def generation(model_yaml: Path, export_stage: Path, shards: Path, plan: Plan) -
             for b in plan.generation}
 
 
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
-
-
 def markdown(report: dict) -> str:
-    env, rows = report["environment"], report["train"]
+    """The report as the tables docs/BENCHMARKS.md records (whatever phases have finished)."""
+    env = report["environment"]
     lines = [f"# GPU check: {env['device']}", "",
              f"torch {env['torch']} (CUDA {env['cuda']}), DeepSpeed {env['deepspeed']}, transformers "
              f"{env['transformers']}, peft {env['peft']}; {report['layers']} decoder layers; attention "
-             f"{env['attention']}, SDPA kernel {env['sdpa_kernel']}", "",
-             "| run | micro-batch | samples/s | tokens/s | TFLOP/s | MFU | peak GiB | data share | loss finite, falls |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
+             f"{env['attention']}, SDPA kernel {env['sdpa_kernel']}", ""]
+    if "cache_images_per_s" in report:
+        lines += [f"Feature cache, full-size encoders ({report['vision_dtype']}): "
+                  f"{report['cache_images_per_s']:.1f} images/s.", ""]
+    lines += ["| run | micro-batch | samples/s | tokens/s | TFLOP/s | MFU | peak GiB | data share | loss finite, falls |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for row in report.get("train", []):
         mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "-"
         peak = row.get("peak_gib") or row.get("peak_rss_gib")
-        lines.append(f"| {row.get('name', 'train.py ZeRO-2')} | {row['micro_batch']} | {row['samples_per_s']:.2f} | "
+        share = "-" if row["data_share"] is None else f"{row['data_share']:.1%}"
+        lines.append(f"| {row['name']} | {row['micro_batch']} | {row['samples_per_s']:.2f} | "
                      f"{row['tokens_per_s']:.0f} | {row['tflops_per_device']:.2f} | {mfu} | "
-                     f"{peak:.1f} | {row['data_share']:.1%} | {row['loss_finite']}, {row['loss_falls']} |")
-    lines += ["", f"Feature cache, full-size encoders ({report['vision_dtype']}): "
-              f"{report['cache_images_per_s']:.1f} images/s.", "",
-              "| generation batch | samples/s |", "|---|---|"]
-    lines += [f"| {k.split('_')[1]} | {v:.2f} |" for k, v in report["generation"].items()]
+                     f"{'-' if peak is None else f'{peak:.1f}'} | {share} | {row['loss_finite']}, {row['loss_falls']} |")
+    if "generation" in report:
+        lines += ["", "| generation batch | samples/s |", "|---|---|"]
+        lines += [f"| {k.split('_')[1]} | {v:.2f} |" for k, v in report["generation"].items()]
+    lines += [f"- failed: {name}: {error}" for name, error in report.get("failed", {}).items()]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="report (gpu_check.json, gpu_check.md) and work files")
     parser.add_argument("--dry-run", action="store_true", help="the same code on CPU at 1 layer, tiny sizes")
@@ -210,23 +247,36 @@ def main() -> None:
     plan = Plan.of(args.dry_run)
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "work"
-    report = {"layers": plan.layers, "environment": environment()}
-    print(json.dumps(report["environment"]), flush=True)
+    report: dict = {"layers": plan.layers, "environment": environment(), "train": [], "failed": {}}
+
+    def phase(name: str, run) -> object:
+        """Run one measurement; a failure is recorded and the check goes on, and the report is rewritten after
+        every phase, so a run cut short by its time limit still leaves what it measured."""
+        try:
+            result = run()
+        except Exception as exc:  # noqa: BLE001 (an unattended one-shot run reports every failure and goes on)
+            report["failed"][name] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
+            result = None
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+        (args.out / "gpu_check.md").write_text(markdown(report))
+        print(f"{name}: {'failed' if name in report['failed'] else 'done'}", flush=True)
+        return result
+
     model_yaml = model_config(work / "model", plan.layers, args.tokenizer or _carried_tokenizer())
     vision = load_model_config(model_yaml).vision
-    report["vision_dtype"] = vision.dtype
-    shards = dataset(work, plan.images)
+    shards = dataset(work, plan)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    report["vision_dtype"] = vision.dtype
     report["cache_images_per_s"] = cache_throughput(vision, shards, batch_size=32, workers=4, device=device)
-    print(f"feature cache: {report['cache_images_per_s']:.1f} images/s", flush=True)
-    report["train"] = []
     for micro in plan.micro_batches:
-        report["train"].append(train(model_yaml, shards, work / f"run-mb{micro}", micro, plan))
-        print(json.dumps({k: v for k, v in report["train"][-1].items() if k != "losses"}), flush=True)
-    report["generation"] = generation(model_yaml, work / f"run-mb{plan.micro_batches[-1]}" / "stage1", shards, plan)
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
-    (args.out / "gpu_check.md").write_text(markdown(report))
+        phase(f"train.py micro-batch {micro}", lambda: report["train"].append(
+            train(model_yaml, shards, work / f"run-mb{micro}", micro, plan)))
+    phase("authors' configuration", lambda: report["train"].append(authors(model_yaml, shards, work, plan)))
+    done = [r["micro_batch"] for r in report["train"] if r["name"].startswith("train.py")]
+    phase("generation", lambda: report.update(generation=generation(
+        model_yaml, work / f"run-mb{done[-1]}" / "stage1", shards, plan)))
     print(markdown(report))
+    return 1 if report["failed"] else 0
 
 
 def _carried_tokenizer() -> Path | None:
@@ -235,4 +285,4 @@ def _carried_tokenizer() -> Path | None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -145,12 +145,17 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def bare_loop(recipe, batches: list, warmup: int) -> tuple[dict, list[float]]:
-    """Plain PyTorch: the same model, batches, optimizer, schedule and clipping, nothing else."""
+def bare_loop(recipe, batches: list, warmup: int, fp16_autocast: bool = False) -> tuple[dict, list[float]]:
+    """Plain PyTorch: the same model, batches, optimizer, schedule and clipping, nothing else. `fp16_autocast`:
+    the authors' precision instead (half-precision base weights, fp32 trainable ones, fp16 autocast, loss scaling)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, optimizer, scheduler = fresh_model(recipe)
-    model = model.to(device, torch.bfloat16 if recipe.bf16 else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    model = model.to(device, torch.float16 if fp16_autocast else torch.bfloat16 if recipe.bf16 else None)
+    if fp16_autocast:
+        for param in trainable:
+            param.data = param.data.float()
+    scaler = torch.amp.GradScaler(device, enabled=fp16_autocast)
     clip = recipe.deepspeed["gradient_clipping"]
     model.train()
     losses = []
@@ -158,10 +163,13 @@ def bare_loop(recipe, batches: list, warmup: int) -> tuple[dict, list[float]]:
         if i == warmup:
             sync()
             start, cpu = time.perf_counter(), time.process_time()
-        loss = model(batch.to(device)).loss
-        loss.backward()
+        with torch.autocast(device, torch.float16, enabled=fp16_autocast):
+            loss = model(batch.to(device)).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable, clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())

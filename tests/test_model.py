@@ -123,6 +123,20 @@ def test_input_assembly(tiny_model):
     assert int(lengths[shorter]) < gen.attention_mask.shape[1] and gen.attention_mask[shorter, 0] == 0
 
 
+def test_a_batch_moves_every_tensor_and_keeps_its_bookkeeping(tiny_model):
+    """`Batch.to` / `pin_memory` (the loader pins on a GPU) map every tensor and carry the rest unchanged."""
+    batch = tiny_model.inputs.train_batch(_samples(tiny_model))
+    seen = []
+    moved = batch._map(lambda t: seen.append(t) or t.to(torch.float64))
+    assert len(seen) == 4 + len(batch.visual)  # input_ids, image_mask, attention_mask, labels, each encoder's
+    assert all(t.dtype == torch.float64 for t in [moved.input_ids, moved.labels, *moved.visual.values()])
+    same = batch.to("cpu", non_blocking=True)
+    for a, b in ((same.input_ids, batch.input_ids), (same.labels, batch.labels), (same.image_mask, batch.image_mask)):
+        assert torch.equal(a, b)
+    assert (same.keys, same.source, same.truncated, same.dropped) == (batch.keys, batch.source, batch.truncated,
+                                                                     batch.dropped)
+
+
 def test_loss_is_mean_cross_entropy_over_answer_tokens(tiny_model):
     batch = tiny_model.inputs.train_batch(_samples(tiny_model))
     with torch.no_grad():

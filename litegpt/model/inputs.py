@@ -14,7 +14,7 @@ Needs no model: the data stream builds batches in its loader workers from the to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -48,11 +48,19 @@ class Batch:
     truncated: int = 0  # answers cut short (still trained on, without their end)
     dropped: list[str] = field(default_factory=list)  # samples removed: no answer token fitted
 
-    def to(self, device: torch.device | str) -> Batch:
-        move = {k: v.to(device) for k, v in self.visual.items()}
-        return Batch(self.input_ids.to(device), self.image_mask.to(device), self.attention_mask.to(device),
-                     None if self.labels is None else self.labels.to(device), move, self.source,
-                     self.keys, self.truncated, list(self.dropped))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """On `device`; `non_blocking` copies from pinned memory without waiting for the GPU's queue."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (the DataLoader calls this with `pin_memory=True`), so that the copy to the GPU
+        runs alongside the previous step instead of stalling the host."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        return Batch(fn(self.input_ids), fn(self.image_mask), fn(self.attention_mask),
+                     None if self.labels is None else fn(self.labels), {k: fn(v) for k, v in self.visual.items()},
+                     self.source, self.keys, self.truncated, list(self.dropped))
 
 
 class InputBuilder:

@@ -134,7 +134,8 @@ class TrainStream:
         # resumed run restores.
         generator = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + epoch)
         loader = torch.utils.data.DataLoader(self._pipeline(epoch), batch_size=None, num_workers=workers,
-                                             collate_fn=_as_is, persistent_workers=False, generator=generator)
+                                             collate_fn=_as_is, persistent_workers=False, generator=generator,
+                                             pin_memory=torch.cuda.is_available())
         return itertools.islice(iter(loader), skip, stop)
 
     def batches(self, epoch: int, skip: int = 0, per_epoch: int | None = None) -> Iterator[tuple[int, object]]:

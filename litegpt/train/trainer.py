@@ -181,7 +181,7 @@ class Trainer:
         state.truncated_answers += batch.truncated
         state.dropped_samples += len(batch.dropped)
         tokens = batch.attention_mask.sum()  # on the host batch, read only when the monitor reports
-        batch = batch.to(engine.device)
+        batch = batch.to(engine.device, non_blocking=True)  # pinned by the loader on a GPU
         loss = engine(batch).loss
         bad = ~torch.isfinite(loss.detach()) | (state.step + 1 in self.inject_nonfinite)
         agreed = torch.stack([bad.float(), torch.where(bad, 0.0, loss.detach().float()),

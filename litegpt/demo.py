@@ -233,6 +233,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"boxes on test images (predicted red, truth green): {_shown(layout.runs / 'stage1' / 'eval' / 'overlays')}")
     print(f"training samples with their boxes: {_shown(layout.pictures)}")
     print(f"baseline: {_shown(layout.runs / 'baseline' / 'metrics.json')}")
-    print(f"watch the runs: tensorboard --logdir {_shown(layout.runs)} --host 127.0.0.1")
+    print(f"watch the runs: tensorboard --logdir {_shown(layout.runs)} --host 127.0.0.1 (train/*; the validation "
+          "curves, on images held out of training, are val/*)")
+    for stage in ("stage1", "stage2"):
+        best = json.loads((layout.runs / stage / "export-best" / "export.json").read_text())
+        print(f"{stage}: best validation {best['best']['figure']} {best['best']['value']:.4f} at step {best['step']}: "
+              f"{_shown(layout.runs / stage / 'export-best')} (the last step: {_shown(layout.runs / stage / 'export')})")
     print(f"demo done in {(time.perf_counter() - start) / 60:.1f} min")
     return 0

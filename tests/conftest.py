@@ -98,3 +98,14 @@ def tiny_shards(tmp_path_factory) -> Path:
 def make_shards():
     """The writer behind `tiny_shards`, for tests that need their own (e.g. to change or break them)."""
     return write_tiny_shards
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread, as each training rank runs on CPU: the numerics then match across processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

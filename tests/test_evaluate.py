@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from litegpt import grammar
 from litegpt.cli import main
@@ -31,15 +30,6 @@ from litegpt.model.model import Generation
 REPO = Path(__file__).resolve().parent.parent
 LIMIT, BATCH, STEP = 6, 4, 7
 TASKS = ("identify", "vqa")
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Every run here on one thread, as each torchrun rank is: the numerics then match across launchers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +110,14 @@ def test_report_overlays_and_tensorboard(evaluated, stage):
     assert events.Tags()["images"]
 
 
-def test_prints_the_metrics_table_and_paths(stage, shards, one_thread, capsys, tmp_path):
+def test_prints_the_metrics_table_and_paths(stage, shards, evaluated, one_thread, capsys, tmp_path):
     assert evaluate(stage, shards, "--out", str(tmp_path / "again")) == 0
     out = capsys.readouterr().out
     for row in ("local labels micro-F1", "Acc@0.3", "Acc@0.5", "box F1@0.5", "mAP@0.4", "parse rate"):
         assert row in out
     assert str(tmp_path / "again" / "predictions.jsonl") in out
     # Greedy twice gives the same bytes, and so do live encoders on the PNGs instead of the cache.
-    first = (stage / "eval" / "predictions.jsonl").read_bytes()
+    first = (evaluated / "predictions.jsonl").read_bytes()
     assert (tmp_path / "again" / "predictions.jsonl").read_bytes() == first
     assert evaluate(stage, shards, "--out", str(tmp_path / "live"), "--features", "live") == 0
     assert (tmp_path / "live" / "predictions.jsonl").read_bytes() == first

@@ -572,3 +572,13 @@ def test_compute_metrics_carries_both_text_blocks():
     assert m["reference"]["text"]["identify"] == reference_text.text_metrics([t for t, _ in TABLE7],
                                                                              [o for _, o in TABLE7])
     assert m["text"]["vqa"] is None and m["reference"]["text"]["vqa"] is None
+
+
+def test_without_text_metrics_everything_else_is_the_same():
+    """`text=False` (validation's: it reports no text metric) empties only the two text blocks."""
+    full, lean = compute_metrics(CLASSIFICATION_RECORDS), compute_metrics(CLASSIFICATION_RECORDS, text=False)
+    assert any(v is not None for v in full["text"].values())
+    assert set(lean["text"].values()) == set(lean["reference"]["text"].values()) == {None}
+    for m in (full, lean):
+        m["text"] = m["reference"]["text"] = None
+    assert lean == full

@@ -107,6 +107,16 @@ def test_the_validation_split_is_recorded_and_both_at_once_refused_naming_them(m
                                          "explicit 'val' split")
 
 
+def test_a_resume_holding_out_other_images_names_the_change(make_shards, tmp_path):
+    """Checkpoints record the split (data_record): resuming with another is refused as other data, named."""
+    from litegpt.train.checkpoint import _data_differences
+
+    plain = make_shards(tmp_path / "plain", {"train": [6, 6], "test": [2]})
+    before, now = (data_record(recipe_on(plain, f"eval.fraction={f}")) for f in (0.2, 0.1))
+    assert _data_differences(before, now) == [f"validation was {before['validation']!r}, now {now['validation']!r}"]
+    assert _data_differences(before, before) == []
+
+
 # ---- the training stream ----------------------------------------------------------------------------
 
 def test_the_stream_never_trains_on_a_validation_image(make_shards, tiny_config, tmp_path):
@@ -138,15 +148,6 @@ def test_the_stream_never_trains_on_a_validation_image(make_shards, tiny_config,
 
 
 # ---- the validator ----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One thread, as each training rank runs on CPU: the numerics then match across processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def val_shards(tmp_path_factory) -> Path:

@@ -278,7 +278,8 @@ def summary_table(metrics: dict) -> str:
             for scope in ("local", "global")]
     rows += [(f"Acc@{t} (strict: box recall)", f"reference/accuracy@{t}", f"strict/box_recall@{t}")
              for t in metrics["thresholds"]]
-    rows += [("box F1@0.5", None, "strict/box_f1@0.5"), ("mAP@0.4", None, "strict/map@0.4"),
+    rows += [("box F1@0.5", None, "strict/box_f1@0.5"), ("mAP@0.4 (COCOeval)", None, "strict/map@0.4"),
+             ("mAP@0.4 (Kaggle, VOC 2010 AP)", None, "strict/kaggle_map@0.4"),
              ("parse rate", None, "parse/all_rate")]
     lines = [f"{'':<32}{'reference':>10}{'strict':>10}"]
     lines += [f"{title:<32}{pct(ref):>10}{pct(strict):>10}" for title, ref, strict in rows]

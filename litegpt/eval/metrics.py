@@ -575,8 +575,12 @@ def _text_block(by_task: dict[str, list[Prediction]], score: TextScore) -> dict:
     return {t: score([r.target for r in rs], [r.output for r in rs]) if rs else None for t, rs in by_task.items()}
 
 
-def compute_metrics(predictions: Sequence[Prediction], thresholds: Sequence[float] = THRESHOLDS) -> dict:
-    """All metrics of an evaluation run: the content of `metrics.json` (schema in the module doc)."""
+def compute_metrics(predictions: Sequence[Prediction], thresholds: Sequence[float] = THRESHOLDS,
+                    text: bool = True) -> dict:
+    """All metrics of an evaluation run: the content of `metrics.json` (schema in the module doc).
+
+    `text=False` leaves both text-metric blocks empty (None per task): validation during training reports no
+    text metric, and METEOR's Java start-up and WordNet's loading would cost it seconds."""
     if not predictions:
         raise ValueError("no prediction records to evaluate")
     by_task: dict[str, list[Prediction]] = {t: [] for t in TASKS}
@@ -602,7 +606,7 @@ def compute_metrics(predictions: Sequence[Prediction], thresholds: Sequence[floa
         "reference": {
             "classification": _classification_family(by_task, finding_source, strict=False),
             "localisation": reference_accuracy(images, thresholds) if localisation else None,
-            "text": _text_block(by_task, reference_text.text_metrics),
+            "text": _text_block(by_task, reference_text.text_metrics) if text else dict.fromkeys(by_task),
         },
         "strict": {
             "classification": _classification_family(by_task, finding_source, strict=True),
@@ -610,6 +614,6 @@ def compute_metrics(predictions: Sequence[Prediction], thresholds: Sequence[floa
             "map": coco_map(images) if localisation else None,
             "kaggle_map": kaggle_map(images) if localisation else None,
         },
-        "text": _text_block(by_task, text_metrics),
+        "text": _text_block(by_task, text_metrics) if text else dict.fromkeys(by_task),
         "parse": {"all": parse_stats(predictions), **{t: parse_stats(rs) for t, rs in by_task.items()}},
     }

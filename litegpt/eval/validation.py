@@ -137,7 +137,8 @@ class Validator:
         figures = [None]
         if self.rank == 0:
             by_chunk = {c: p for part in parts for c, p in part.items()}
-            values = scalars(compute_metrics([p for c in range(len(self.generation_chunks)) for p in by_chunk[c]]))
+            values = scalars(compute_metrics([p for c in range(len(self.generation_chunks)) for p in by_chunk[c]],
+                                              text=False))
             figures = [{name: values[name] for name in SCORED if name in values}]
         if self.world_size > 1:
             dist.broadcast_object_list(figures, src=0)

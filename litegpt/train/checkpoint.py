@@ -89,8 +89,8 @@ def check_resume(directory: Path, config_digest: str, world_size: int, data: dic
 
 def _data_differences(before: dict, now: dict) -> list[str]:
     """What changed between two `litegpt.train.config.data_record`s, in words."""
-    out = [f"{key} was {before[key]!r}, now {now[key]!r}" for key in ("split", "tasks", "findings_only")
-           if before[key] != now[key]]
+    out = [f"{key} was {before.get(key)!r}, now {now.get(key)!r}"
+           for key in ("split", "tasks", "findings_only", "validation") if before.get(key) != now.get(key)]
     if before["shards"] != now["shards"]:
         old = before["preparation"]
         changed = [f"{key} {old.get(key)!r} -> {value!r}" for key, value in now["preparation"].items()

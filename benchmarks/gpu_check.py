@@ -239,14 +239,15 @@ def markdown(report: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="report (gpu_check.json, gpu_check.md) and work files")
+    parser.add_argument("--out", type=Path, required=True, help="report: gpu_check.json, gpu_check.md")
+    parser.add_argument("--work", type=Path, default=None, help="weights, data and runs (default: OUT/work)")
     parser.add_argument("--dry-run", action="store_true", help="the same code on CPU at 1 layer, tiny sizes")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="a saved Llama-2 tokenizer (gpu_wheels.sh writes .whl/llama2-tokenizer); default: build it")
     args = parser.parse_args()
     plan = Plan.of(args.dry_run)
     args.out.mkdir(parents=True, exist_ok=True)
-    work = args.out / "work"
+    work = args.work or args.out / "work"
     report: dict = {"layers": plan.layers, "environment": environment(), "train": [], "failed": {}}
 
     def phase(name: str, run) -> object:

@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_check.sh OUT [options]}; shift
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 benchmarks/gpu_check.py --out "$out" "$@"
+# the work files (weights, shards, runs) stay on the machine: only the report comes back
+python3 benchmarks/gpu_check.py --out "$out" --work /tmp/gpu_check_work "$@"

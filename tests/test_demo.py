@@ -101,13 +101,15 @@ def test_demo_refuses_to_resume_on_other_data(tmp_path):
 
 
 # The slow test runs the demo as `make demo` does (its default 6,000 + 300 images) on data seed 0.
-# Margins over the prior baseline (absolute, 0..1) sit well under the smallest margin measured over data seeds
-# and CPUs, and over perturbed initial weights (`run.perturb_init`, standing in for another CPU's rounding;
-# docs/BENCHMARKS.md, "The demo"). Measured, in points: local F1 +13.7 to +18.9, box F1@0.5 +8.8 to +13.5
-# (stage 1: seeds 0-2 on one CPU, seed 0 on another); global F1 +27.4 to +29.0 (stage 2's 7 epochs: seed 0,
-# 3 runs, two of them perturbed; the former 5 epochs gave +7.0 to +24.6). Parse rates: 100% in every run.
+# Margins over the prior baseline (absolute, 0..1) sit under the smallest margin measured over data seeds and
+# CPUs, and over perturbed initial weights (`run.perturb_init`, standing in for another CPU's rounding;
+# docs/BENCHMARKS.md, "The demo"). Measured, in points, with the current recipes (2% held out for validation):
+# local F1 +11.5 to +17.4, box F1@0.5 +4.5 to +12.4, global F1 +15.7 to +23.1 (seeds 0-2 on one CPU); before the
+# hold-out: local +13.7 to +18.9, box +8.8 to +13.5 (seeds 0-2, two CPUs), global +27.4 to +29.0 (seed 0, three
+# runs, two perturbed; the former 5-epoch stage 2 gave +7.0 to +24.6). Parse rates: 99-100% in every run.
+# Box F1 (seed 2: +4.5) is the tightest; its margin is half of that.
 DEMO_SEED = 0
-LOCAL_F1_MARGIN, BOX_F1_MARGIN, GLOBAL_F1_MARGIN = 0.05, 0.04, 0.05
+LOCAL_F1_MARGIN, BOX_F1_MARGIN, GLOBAL_F1_MARGIN = 0.05, 0.02, 0.05
 
 
 @pytest.mark.slow

@@ -1,39 +1,188 @@
-"""The VinDr-CXR label vocabulary: one place for names, spellings and the Kaggle class ids."""
+"""Label vocabularies: which labels a dataset has, how they are spelled, and in what order they are rendered.
+
+A vocabulary belongs to a shard set: `litegpt prepare` writes it into `manifest.json` and everything
+downstream reads it from there (`Vocabulary.of_manifest`), so no other module names a label. VinDr-CXR's
+vocabulary (`VINDR_CXR`) is the default, and this is the one module that spells out its labels: the
+PhysioNet column order, the Kaggle class ids, and the priors `litegpt synth` draws VinDr-like images from.
+
+- `local_labels`: findings drawn with a box, in rendering order (stage 1).
+- `global_labels`: image-level labels without a box, in rendering order (stage 2); the last is always
+  `no_finding`, the label of an image with nothing at all.
+- `aliases`: other spellings readers accept (matched like names: case and runs of whitespace ignored).
+"""
 
 from __future__ import annotations
 
-# 22 local labels (findings with boxes), in the column order of the PhysioNet CSVs.
-LOCAL_LABELS: tuple[str, ...] = (
-    "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Clavicle fracture",
-    "Consolidation", "Edema", "Emphysema", "Enlarged PA", "ILD", "Infiltration", "Lung Opacity",
-    "Lung cavity", "Lung cyst", "Mediastinal shift", "Nodule/Mass", "Pleural effusion",
-    "Pleural thickening", "Pneumothorax", "Pulmonary fibrosis", "Rib fracture", "Other lesion",
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_NO_FINDING = "No finding"
+# A name must be usable in the text grammar: no tags or braces, no line breaks, at least one letter or digit.
+_FORBIDDEN = re.compile(r"[<>{}\n\r\t]")
+
+
+class UnknownLabel(ValueError):
+    """A label name that is not in the vocabulary."""
+
+
+class VocabularyError(ValueError):
+    """A vocabulary (from a manifest, a YAML file or the command line) that cannot be used."""
+
+
+class VocabularyMismatch(ValueError):
+    """Two things that must agree (a stage and its shards, an export and its test set) use other vocabularies."""
+
+
+def _key(name: str) -> str:
+    return " ".join(str(name).split()).lower()
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    name: str
+    local_labels: tuple[str, ...]
+    global_labels: tuple[str, ...]  # ends with no_finding
+    no_finding: str = DEFAULT_NO_FINDING
+    aliases: Mapping[str, str] = field(default_factory=dict)  # spelling -> canonical name
+
+    def __post_init__(self) -> None:
+        where = f"vocabulary {self.name!r}"
+        if not self.name or not isinstance(self.name, str):
+            raise VocabularyError(f"a vocabulary needs a name, got {self.name!r}")
+        if not self.local_labels:
+            raise VocabularyError(f"{where}: no local labels (findings with boxes); at least one is needed")
+        if not self.global_labels or self.global_labels[-1] != self.no_finding:
+            raise VocabularyError(f"{where}: the global labels must end with the no-finding label "
+                                  f"{self.no_finding!r}, got {list(self.global_labels)}")
+        seen: dict[str, str] = {}
+        for label in self.all_labels:
+            if not isinstance(label, str) or label != " ".join(label.split()) or not re.search(r"\w", label) \
+                    or _FORBIDDEN.search(label):
+                raise VocabularyError(f"{where}: label {label!r} must be text with a letter or digit, no < > {{ }}, "
+                                      "and single spaces only")
+            if _key(label) in seen:
+                raise VocabularyError(f"{where}: label {label!r} is given twice (as {seen[_key(label)]!r})")
+            seen[_key(label)] = label
+        for alias, target in self.aliases.items():
+            if target not in self.all_labels:
+                raise VocabularyError(f"{where}: alias {alias!r} names {target!r}, which is not one of its labels")
+            if _key(alias) in seen and seen[_key(alias)] != target:
+                raise VocabularyError(f"{where}: alias {alias!r} would shadow the label {seen[_key(alias)]!r}")
+        object.__setattr__(self, "local_labels", tuple(self.local_labels))
+        object.__setattr__(self, "global_labels", tuple(self.global_labels))
+        object.__setattr__(self, "aliases", dict(self.aliases))
+
+    @classmethod
+    def build(cls, name: str, local_labels: Iterable[str], global_labels: Iterable[str] = (),
+              no_finding: str = DEFAULT_NO_FINDING, aliases: Mapping[str, str] | None = None) -> Vocabulary:
+        """A vocabulary from label lists as a user writes them: the no-finding label is appended if missing."""
+        diseases = [g for g in global_labels if g != no_finding]
+        return cls(name, tuple(local_labels), (*diseases, no_finding), no_finding, dict(aliases or {}))
+
+    @property
+    def all_labels(self) -> tuple[str, ...]:
+        return self.local_labels + self.global_labels
+
+    @property
+    def diseases(self) -> tuple[str, ...]:
+        """The global labels without the no-finding label."""
+        return self.global_labels[:-1]
+
+    def canonical(self, name: str) -> str:
+        """A label as spelled in a dataset's files (any case, spacing or alias) -> its name here."""
+        key = _key(name)
+        for alias, target in self.aliases.items():
+            if _key(alias) == key:
+                return target
+        for label in self.all_labels:
+            if _key(label) == key:
+                return label
+        raise UnknownLabel(f"unknown label {name!r}; {self.name} has {', '.join(self.all_labels)}")
+
+    def describe(self) -> str:
+        return f"{self.name!r} ({len(self.local_labels)} local, {len(self.global_labels)} global labels)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "local_labels": list(self.local_labels), "global_labels": list(self.global_labels),
+                "no_finding": self.no_finding, "aliases": dict(sorted(self.aliases.items()))}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Vocabulary:
+        """A vocabulary as `to_dict` writes it, or as a user's YAML gives it (`global_labels` and
+        `no_finding` optional); errors name `where`."""
+        if not isinstance(data, Mapping):
+            raise VocabularyError(f"{where}: a vocabulary is a mapping with name, local_labels, global_labels")
+        unknown = sorted(set(data) - {"name", "local_labels", "global_labels", "no_finding", "aliases"})
+        if unknown:
+            raise VocabularyError(f"{where}: unknown key(s) {', '.join(unknown)}; expected name, local_labels, "
+                                  "global_labels, no_finding, aliases")
+        lists = {k: data.get(k) or [] for k in ("local_labels", "global_labels")}
+        for key, value in lists.items():
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise VocabularyError(f"{where}: {key} must be a list of names, got {value!r}")
+        aliases = data.get("aliases") or {}
+        if not isinstance(aliases, Mapping):
+            raise VocabularyError(f"{where}: aliases must map a spelling to a label, got {aliases!r}")
+        try:
+            return cls.build(str(data.get("name") or ""), lists["local_labels"], lists["global_labels"],
+                             str(data.get("no_finding") or DEFAULT_NO_FINDING), {str(k): str(v) for k, v in aliases.items()})
+        except VocabularyError as exc:
+            raise VocabularyError(f"{where}: {exc}") from None
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> Vocabulary:
+        """A small YAML file: name, local_labels, global_labels (optional), no_finding, aliases (optional)."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise VocabularyError(f"{path}: label file not found") from None
+        except yaml.YAMLError as exc:
+            raise VocabularyError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def of_manifest(cls, manifest: Mapping[str, Any]) -> Vocabulary:
+        """The vocabulary a shard set was prepared with; sets made before vocabularies were recorded are VinDr-CXR."""
+        data = manifest.get("vocabulary")
+        return VINDR_CXR if data is None else cls.from_dict(data, "manifest.json vocabulary")
+
+    def require_same(self, other: Vocabulary, mine: str, theirs: str) -> None:
+        """Raise VocabularyMismatch naming both sides when `other` is not this vocabulary."""
+        if other != self:
+            raise VocabularyMismatch(f"{mine} uses the label vocabulary {self.describe()}, but {theirs} uses "
+                                     f"{other.describe()}; they must be the same")
+
+
+# ---------------------------------------------------------------------------------------------- VinDr-CXR
+
+VINDR_CXR = Vocabulary(
+    name="vindr-cxr",
+    # 22 local labels (findings with boxes), in the column order of the PhysioNet CSVs.
+    local_labels=(
+        "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Clavicle fracture",
+        "Consolidation", "Edema", "Emphysema", "Enlarged PA", "ILD", "Infiltration", "Lung Opacity",
+        "Lung cavity", "Lung cyst", "Mediastinal shift", "Nodule/Mass", "Pleural effusion",
+        "Pleural thickening", "Pneumothorax", "Pulmonary fibrosis", "Rib fracture", "Other lesion",
+    ),
+    # 6 global labels (diagnoses). The PhysioNet train CSV spells the fifth "Other diseases", test "Other disease".
+    global_labels=("COPD", "Lung tumor", "Pneumonia", "Tuberculosis", "Other disease", DEFAULT_NO_FINDING),
+    aliases={"Other diseases": "Other disease"},
 )
-NO_FINDING = "No finding"
-# 6 global labels (diagnoses). The PhysioNet train CSV spells the fifth "Other diseases", test "Other disease".
-GLOBAL_LABELS: tuple[str, ...] = ("COPD", "Lung tumor", "Pneumonia", "Tuberculosis", "Other disease", NO_FINDING)
-ALL_LABELS: tuple[str, ...] = LOCAL_LABELS + GLOBAL_LABELS
 
 # Kaggle "VinBigData" train.csv: class_id -> class_name (14 findings, 14 = No finding).
 KAGGLE_CLASSES: tuple[str, ...] = (
     "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Consolidation", "ILD",
     "Infiltration", "Lung Opacity", "Nodule/Mass", "Other lesion", "Pleural effusion",
-    "Pleural thickening", "Pneumothorax", "Pulmonary fibrosis", NO_FINDING,
+    "Pleural thickening", "Pneumothorax", "Pulmonary fibrosis", DEFAULT_NO_FINDING,
 )
 
-_ALIASES = {"other diseases": "Other disease"}
-_CANONICAL = {name.lower(): name for name in ALL_LABELS}
-
-
-class UnknownLabel(ValueError):
-    """A label name that is not in the VinDr-CXR vocabulary."""
-
-
-def canonical_label(name: str) -> str:
-    """Map a label as spelled in any VinDr CSV (case, 'Other diseases') to its canonical name."""
-    key = " ".join(str(name).split()).lower()
-    key = _ALIASES.get(key, key).lower()
-    try:
-        return _CANONICAL[key]
-    except KeyError:
-        raise UnknownLabel(f"unknown label {name!r}; expected one of {', '.join(ALL_LABELS)}") from None
+# TRANSITION (issue 15): the old constants, until every module reads its vocabulary; removed at the end.
+LOCAL_LABELS, GLOBAL_LABELS, NO_FINDING = VINDR_CXR.local_labels, VINDR_CXR.global_labels, VINDR_CXR.no_finding
+ALL_LABELS = VINDR_CXR.all_labels
+canonical_label = VINDR_CXR.canonical

@@ -189,14 +189,15 @@ class Grammar:
         )
 
     @classmethod
-    def of_manifest(cls, manifest: Mapping[str, Any]) -> Grammar:
-        """The grammar of a shard set (sets made before vocabularies were recorded: VinDr-CXR, the paper's text)."""
-        template = manifest.get("template")
-        return cls(Vocabulary.of_manifest(manifest),
-                   PAPER_TEMPLATE if template is None else TaskTemplate.from_dict(template, "manifest.json template"))
+    def from_record(cls, record: Mapping[str, Any]) -> Grammar:
+        """The grammar a manifest.json or export.json records (`to_dict` keys); records made before vocabularies
+        were recorded are VinDr-CXR with the paper's text."""
+        template = record.get("template")
+        return cls(Vocabulary.of_manifest(record),
+                   PAPER_TEMPLATE if template is None else TaskTemplate.from_dict(template, "recorded template"))
 
     def to_dict(self) -> dict[str, Any]:
-        """What `manifest.json` and an export record: `{"vocabulary": ..., "template": ...}`."""
+        """What `manifest.json` and `export.json` record (top-level keys `vocabulary` and `template`)."""
         return {"vocabulary": self.vocabulary.to_dict(), "template": self.template.to_dict()}
 
     def prompt(self, task: str, task_token: str | None = None) -> str:

@@ -11,17 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from litegpt import grammar
-from litegpt.grammar import (
-    IMAGE_PLACEHOLDER,
-    NO_FINDINGS_ANSWER,
-    parse,
-    quantize_box,
-    render_answer,
-    render_diagnoses,
-    render_findings,
-    render_prompt,
-)
-from litegpt.labels import ALL_LABELS, GLOBAL_LABELS, LOCAL_LABELS, NO_FINDING
+from litegpt.grammar import IMAGE_PLACEHOLDER, PAPER_TEMPLATE, Grammar, TaskTemplate, quantize_box
+from litegpt.labels import VINDR_CXR, UnknownLabel, Vocabulary, VocabularyError, VocabularyMismatch
+
+# The paper's literal strings are VinDr-CXR's grammar: its vocabulary in the paper's template.
+VINDR = Grammar(VINDR_CXR)
+render_prompt, render_findings, render_diagnoses = VINDR.prompt, VINDR.findings, VINDR.diagnoses
+render_answer, parse, NO_FINDINGS_ANSWER = VINDR.answer, VINDR.parse, VINDR.no_findings_answer
+LOCAL_LABELS, GLOBAL_LABELS, ALL_LABELS = VINDR_CXR.local_labels, VINDR_CXR.global_labels, VINDR_CXR.all_labels
+NO_FINDING = VINDR_CXR.no_finding
 
 
 def expected_coord(x: float) -> int:
@@ -354,3 +352,96 @@ def test_box_spans_align_with_findings(text):
         box_text = text[start:end]
         assert box_text.startswith("{") and box_text.endswith("}")
         assert grammar._parse_box(box_text) == finding[1]
+
+
+# ---- other vocabularies and templates -------------------------------------------------------------------
+
+TOY = Vocabulary.build("toy-hospital", ["Mass", "Pleural effusion", "Opacity (diffuse)"], ["Sepsis", "Heart failure"],
+                       no_finding="Normal", aliases={"effusion": "Pleural effusion"})
+TOY_TEMPLATE = TaskTemplate(identify="List the findings with boxes.", local_prefix="Findings of this radiograph are",
+                            no_findings_prefix="This radiograph shows", no_findings="nothing abnormal",
+                            global_prefix="Conditions are", no_diagnosis="absent")
+TOY_GRAMMAR = Grammar(TOY, TOY_TEMPLATE)
+toy_finding = st.tuples(st.sampled_from(TOY.local_labels), st.lists(st.floats(0, 1), min_size=4, max_size=4))
+
+
+def test_a_vocabulary_of_its_own_renders_in_its_templates_words():
+    g = TOY_GRAMMAR
+    assert g.prompt("vqa").endswith("(select all that apply): Sepsis, Heart Failure, or Normal? [/INST]")
+    assert g.prompt("identify") == "[INST] <Img><ImageHere></Img> [identify] List the findings with boxes. [/INST]"
+    text = g.findings([("effusion", [0.5, 0.5, 0.1, 0.2]), ("Mass", [0.1, 0.2, 0.3, 0.4])])
+    assert text == ("Findings of this radiograph are <p>Mass</p> {<10><20><30><40>},"
+                    "<p>Pleural effusion</p> {<10><20><50><50>}.")
+    assert g.findings([]) == "This radiograph shows nothing abnormal."
+    assert g.diagnoses(["heart failure", "Sepsis"]) == "Conditions are Sepsis, Heart failure."
+    assert g.diagnoses([]) == "Conditions are absent."
+    assert g.parse(g.findings([])).labels == ["Normal"] and g.parse(g.findings([])).complete
+    assert g.parse(g.diagnoses(["Normal"])).labels == ["Normal"]
+    assert g.parse(g.diagnoses([])).labels == [] and g.parse(g.diagnoses([])).complete
+    # whole words only; a VinDr label means nothing here
+    p = g.parse("Massive Cardiomegaly, Opacity (diffuse).")
+    assert p.labels == ["Opacity (diffuse)"] and p.unparsed == ["Massive Cardiomegaly"]
+    with pytest.raises(ValueError, match="not a local label"):
+        g.findings([("Sepsis", [0, 0, 1, 1])])
+    with pytest.raises(UnknownLabel, match="toy-hospital"):
+        g.diagnoses(["COPD"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(toy_finding, max_size=6))
+def test_a_vocabulary_of_its_own_parses_back(findings):
+    p = TOY_GRAMMAR.parse(TOY_GRAMMAR.findings(findings))
+    expected = sorted(((n, expected_box(b)) for n, b in findings), key=lambda f: (TOY.local_labels.index(f[0]), f[1]))
+    assert p.findings == expected and p.complete
+    assert p.labels == (sorted({n for n, _ in findings}, key=TOY.all_labels.index) if findings else ["Normal"])
+
+
+@pytest.mark.parametrize("labels, choices", [(["A"], "A"), (["tb", "No finding"], "Tb or No Finding"),
+                                             (["x y", "COPD", "No finding"], "X Y, COPD, or No Finding")])
+def test_global_choices_are_listed_as_the_paper_does(labels, choices):
+    vocabulary = Vocabulary("v", ("L",), tuple(labels), labels[-1])
+    assert Grammar(vocabulary).instructions["vqa"].endswith(f"(select all that apply): {choices}?")
+
+
+def test_grammar_round_trips_through_a_record_and_old_records_are_vindr():
+    record = TOY_GRAMMAR.to_dict()
+    again = Grammar.from_record(record)
+    assert (again.vocabulary, again.template) == (TOY, TOY_TEMPLATE)
+    old = Grammar.from_record({"format": "litegpt-shards/1"})
+    assert (old.vocabulary, old.template) == (VINDR_CXR, PAPER_TEMPLATE)
+    with pytest.raises(VocabularyMismatch, match="the export e/.*toy-hospital.*the shard set s/.*vindr-cxr"):
+        TOY.require_same(VINDR_CXR, "the export e/", "the shard set s/")
+    TOY.require_same(Vocabulary.from_dict(TOY.to_dict(), "x"), "a", "b")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(local_labels=()), "no local labels"),
+    (dict(local_labels=("Mass", "mass")), "given twice"),
+    (dict(local_labels=("<p>",)), "must be text"),
+    (dict(local_labels=("a  b",)), "must be text"),
+    (dict(global_labels=("Sepsis",)), "must end with the no-finding label"),
+    (dict(aliases={"x": "Nothing"}), "names 'Nothing'"),
+    (dict(aliases={"Mass": "Normal"}), "shadow the label 'Mass'"),
+])
+def test_bad_vocabularies_are_refused(kwargs, message):
+    args = dict(name="v", local_labels=("Mass",), global_labels=("Normal",), no_finding="Normal") | kwargs
+    with pytest.raises(VocabularyError, match=message):
+        Vocabulary(**args)
+
+
+def test_label_and_template_files_name_the_file_and_the_problem(tmp_path):
+    good = tmp_path / "labels.yaml"
+    good.write_text("name: toy\nlocal_labels: [Mass, Nodule]\nglobal_labels: [Sepsis]\n")
+    assert Vocabulary.from_yaml(good) == Vocabulary.build("toy", ["Mass", "Nodule"], ["Sepsis"])
+    for text, message in [("name: toy\nlocal_labels: Mass\n", "local_labels must be a list"),
+                          ("name: toy\nlocal: [Mass]\n", "unknown key"), ("name: [toy\n", "not valid YAML")]:
+        good.write_text(text)
+        with pytest.raises(VocabularyError, match=f"{good}.*{message}"):
+            Vocabulary.from_yaml(good)
+    with pytest.raises(VocabularyError, match="label file not found"):
+        Vocabulary.from_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(VocabularyError, match="t.yaml: unknown template field.*prefix"):
+        TaskTemplate.from_dict({"prefix": "x"}, "t.yaml")
+    with pytest.raises(VocabularyError, match="t.yaml: task template: vqa"):
+        TaskTemplate.from_dict({"vqa": "Which of {choices}?"}, "t.yaml")
+    assert TaskTemplate.from_dict({"no_diagnosis": "nothing"}, "t.yaml").identify == PAPER_TEMPLATE.identify

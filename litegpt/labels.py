@@ -182,6 +182,64 @@ KAGGLE_CLASSES: tuple[str, ...] = (
     "Pleural thickening", "Pneumothorax", "Pulmonary fibrosis", DEFAULT_NO_FINDING,
 )
 
+# ---------------------------------------------------------------------------------------------- litegpt synth
+
+
+@dataclass(frozen=True)
+class SynthPrior:
+    """Where `litegpt synth` puts a local label's boxes (fractions of width/height; image left = patient right)."""
+
+    u: tuple[float, float]  # box centre, horizontal
+    v: tuple[float, float]  # box centre, vertical
+    w: tuple[float, float]  # box width
+    h: tuple[float, float]  # box height
+    mirror: bool  # occurs in either lung: reflect about the midline half of the time
+    weight: float  # relative frequency
+
+
+# VinDr-CXR's local labels as synth draws them: anatomical place, and frequency roughly as in the release.
+VINDR_CXR_SYNTH_PRIORS: dict[str, SynthPrior] = {
+    "Aortic enlargement": SynthPrior((0.52, 0.58), (0.28, 0.36), (0.08, 0.14), (0.07, 0.12), False, 7.0),
+    "Atelectasis": SynthPrior((0.25, 0.35), (0.55, 0.72), (0.08, 0.18), (0.06, 0.14), True, 0.3),
+    "Calcification": SynthPrior((0.22, 0.38), (0.25, 0.70), (0.03, 0.07), (0.03, 0.06), True, 1.0),
+    "Cardiomegaly": SynthPrior((0.50, 0.56), (0.60, 0.70), (0.32, 0.46), (0.14, 0.22), False, 5.5),
+    "Clavicle fracture": SynthPrior((0.25, 0.35), (0.12, 0.18), (0.06, 0.12), (0.04, 0.07), True, 0.1),
+    "Consolidation": SynthPrior((0.24, 0.36), (0.40, 0.70), (0.10, 0.20), (0.10, 0.20), True, 0.6),
+    "Edema": SynthPrior((0.30, 0.36), (0.40, 0.60), (0.16, 0.24), (0.20, 0.32), True, 0.1),
+    "Emphysema": SynthPrior((0.26, 0.34), (0.22, 0.40), (0.14, 0.22), (0.15, 0.25), True, 0.2),
+    "Enlarged PA": SynthPrior((0.56, 0.60), (0.40, 0.46), (0.05, 0.09), (0.05, 0.09), False, 0.3),
+    "ILD": SynthPrior((0.26, 0.34), (0.50, 0.70), (0.14, 0.22), (0.18, 0.30), True, 1.0),
+    "Infiltration": SynthPrior((0.24, 0.36), (0.30, 0.70), (0.10, 0.20), (0.10, 0.20), True, 1.2),
+    "Lung Opacity": SynthPrior((0.22, 0.38), (0.30, 0.72), (0.06, 0.20), (0.06, 0.20), True, 2.5),
+    "Lung cavity": SynthPrior((0.24, 0.36), (0.22, 0.45), (0.05, 0.10), (0.05, 0.10), True, 0.1),
+    "Lung cyst": SynthPrior((0.22, 0.38), (0.30, 0.65), (0.05, 0.10), (0.05, 0.10), True, 0.1),
+    "Mediastinal shift": SynthPrior((0.48, 0.52), (0.35, 0.50), (0.12, 0.20), (0.30, 0.45), False, 0.15),
+    "Nodule/Mass": SynthPrior((0.20, 0.38), (0.25, 0.70), (0.03, 0.09), (0.03, 0.09), True, 2.6),
+    "Pleural effusion": SynthPrior((0.17, 0.23), (0.74, 0.80), (0.12, 0.20), (0.08, 0.16), True, 2.5),
+    "Pleural thickening": SynthPrior((0.15, 0.19), (0.20, 0.55), (0.04, 0.09), (0.08, 0.20), True, 4.8),
+    "Pneumothorax": SynthPrior((0.20, 0.26), (0.22, 0.42), (0.10, 0.18), (0.15, 0.28), True, 0.25),
+    "Pulmonary fibrosis": SynthPrior((0.24, 0.36), (0.22, 0.50), (0.10, 0.20), (0.10, 0.20), True, 4.6),
+    "Rib fracture": SynthPrior((0.16, 0.22), (0.30, 0.65), (0.04, 0.08), (0.03, 0.06), True, 0.1),
+    "Other lesion": SynthPrior((0.20, 0.80), (0.20, 0.80), (0.04, 0.15), (0.04, 0.15), False, 2.2),
+}
+# A rater who reports the finding usually also reports the diagnosis it suggests.
+VINDR_CXR_IMPLIES: dict[str, str] = {
+    "Emphysema": "COPD", "Nodule/Mass": "Lung tumor", "Consolidation": "Pneumonia",
+    "Infiltration": "Pneumonia", "Lung Opacity": "Pneumonia", "Lung cavity": "Tuberculosis",
+    "Pulmonary fibrosis": "Tuberculosis",
+}
+# Findings that are radiolucent (darker than their surroundings) on a displayed radiograph.
+VINDR_CXR_DARK: frozenset[str] = frozenset({"Emphysema", "Lung cavity", "Lung cyst", "Pneumothorax"})
+
+# The vocabularies of `litegpt synth --format csv` (NIH ChestX-ray14-like) and `--format coco` (detection
+# only), in sorted-name order, which is the order `litegpt prepare` infers from the files.
+SYNTH_CSV = Vocabulary.build(
+    "synth-csv",
+    ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltrate", "Mass", "Nodule", "Pneumonia", "Pneumothorax"),
+    ("Emphysema", "Fibrosis", "Hernia"),
+)
+SYNTH_COCO = Vocabulary.build("synth-coco", ("Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax"))
+
 # TRANSITION (issue 15): the old constants, until every module reads its vocabulary; removed at the end.
 LOCAL_LABELS, GLOBAL_LABELS, NO_FINDING = VINDR_CXR.local_labels, VINDR_CXR.global_labels, VINDR_CXR.no_finding
 ALL_LABELS = VINDR_CXR.all_labels

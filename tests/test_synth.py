@@ -1,13 +1,16 @@
-"""`litegpt synth`: the synthetic root must look like VinDr-CXR to any reader, and be reproducible.
+"""`litegpt synth`: the synthetic root must look like VinDr-CXR (or a generic box CSV / COCO set) to any
+reader, and be reproducible.
 
-Checks read the output the way an outside tool would (csv/pandas, pydicom with two different decoders,
-pydicom's own modality/VOI LUT functions) rather than through the generator's internals.
+Checks read the output the way an outside tool would (csv/pandas, json, Pillow, pydicom with two different
+decoders, pydicom's own modality/VOI LUT functions) rather than through the generator's internals.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
+import json
 import re
 from pathlib import Path
 
@@ -15,13 +18,15 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from litegpt import cli
-from litegpt.data.synth import PHI_MARKER, SENTINEL, synthesize
-from litegpt.labels import GLOBAL_LABELS, KAGGLE_CLASSES, LOCAL_LABELS, NO_FINDING
+from litegpt.data.synth import CSV_COLUMNS, ENCODINGS, PHI_MARKER, SENTINEL, plan_dataset, render, synthesize
+from litegpt.labels import KAGGLE_CLASSES, SYNTH_COCO, SYNTH_CSV, VINDR_CXR, Vocabulary
 
+LOCAL_LABELS, GLOBAL_LABELS, NO_FINDING = VINDR_CXR.local_labels, VINDR_CXR.global_labels, VINDR_CXR.no_finding
 N_TRAIN, N_TEST, SIDE = 18, 9, 256
 TRAIN_LABELS = [*LOCAL_LABELS, *GLOBAL_LABELS[:4], "Other diseases", NO_FINDING]
 TEST_LABELS = [*LOCAL_LABELS, *GLOBAL_LABELS[:4], "Other disease", NO_FINDING]
@@ -289,5 +294,185 @@ def test_cli(tmp_path: Path, capsys):
     assert cli.main(["synth", "--out", str(out), "--train", "2", "--test", "1", "--max-side-px", "128",
                      "--workers", "1"]) == 0
     assert len(list(out.glob("*/*.dicom"))) == 3
+    assert "(vindr format, physionet layout)" in capsys.readouterr().out
     assert cli.main(["synth", "--out", str(out), "--train", "1", "--test", "0", "--no-finding-frac", "1.5"]) == 2
     assert "no_finding_frac" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- csv and coco
+
+GENERIC = dict(n_train=16, n_test=10, seed=4, max_side_px=200)
+
+
+def _plans(fmt: str) -> list:
+    kw = {k: v for k, v in GENERIC.items() if k not in ("n_train", "n_test", "seed")}
+    return plan_dataset(GENERIC["n_train"], GENERIC["n_test"], GENERIC["seed"], fmt=fmt, **kw)
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def csv_root(tmp_path_factory) -> Path:
+    return _make(tmp_path_factory.mktemp("synth_csv") / "nih", fmt="csv", **GENERIC)
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory) -> Path:
+    return _make(tmp_path_factory.mktemp("synth_coco") / "det", fmt="coco", **GENERIC)
+
+
+def test_synthetic_vocabularies_are_not_vindrs():
+    for vocabulary in (SYNTH_CSV, SYNTH_COCO):
+        assert len(vocabulary.local_labels) != len(LOCAL_LABELS)
+        assert len(vocabulary.global_labels) != len(GLOBAL_LABELS)
+        assert set(vocabulary.all_labels) - {NO_FINDING} != set(VINDR_CXR.all_labels) - {NO_FINDING}
+        assert list(vocabulary.local_labels) == sorted(vocabulary.local_labels)
+        assert list(vocabulary.diseases) == sorted(vocabulary.diseases)
+    assert (len(SYNTH_CSV.local_labels), len(SYNTH_CSV.diseases)) == (8, 3)
+    assert (len(SYNTH_COCO.local_labels), SYNTH_COCO.diseases) == (5, ())
+
+
+def test_box_csv_rows_are_the_plans(csv_root: Path):
+    df = pd.read_csv(csv_root / "annotations.csv", dtype={"rater": str})
+    assert list(df.columns) == list(CSV_COLUMNS)
+    plans = _plans("csv")
+    assert set(df.image) == {p.file for p in plans}
+    assert {p.file for p in plans} == {f"images/{p.name}" for p in (csv_root / "images").iterdir()}
+    assert set(df.label) <= set(SYNTH_CSV.all_labels)
+
+    def rows(frame: pd.DataFrame) -> list[tuple]:
+        return sorted((r.label, *(() if np.isnan(r.x_min) else (r.x_min, r.y_min, r.x_max, r.y_max)))
+                      for r in frame.itertuples())
+
+    def expected(findings, diagnoses) -> list[tuple]:
+        return sorted([(f.label, *f.box) for f in findings] + [(g,) for g in diagnoses]) or [(NO_FINDING,)]
+
+    for plan in plans:
+        mine = df[df.image == plan.file]
+        assert set(mine.split) == {plan.split}
+        if plan.split == "train":
+            assert sorted(set(mine.rater)) == sorted(r.rad_id for r in plan.readings)
+            for r in plan.readings:
+                assert rows(mine[mine.rater == r.rad_id]) == expected(r.findings, r.diagnoses)
+        else:  # the consensus: rater cells empty
+            assert mine.rater.isna().all()
+            assert rows(mine) == expected(plan.truth, plan.diagnoses)
+    assert df[df.split == "train"].rater.notna().all()
+    assert (df[df.split == "train"].groupby("image").rater.nunique() == 3).all()
+
+
+def test_box_csv_labels_yaml_is_what_the_rows_imply(csv_root: Path):
+    """Boxed labels are local, never-boxed ones global, in sorted order: what prepare infers."""
+    df = pd.read_csv(csv_root / "annotations.csv")
+    boxed = df.dropna(subset=BOX)
+    assert boxed[BOX].notna().all().all() and df[df.x_min.isna()][BOX].isna().all().all()
+    inferred = Vocabulary.build(csv_root.name, sorted(set(boxed.label)),
+                                sorted(set(df.label) - set(boxed.label) - {NO_FINDING}))
+    assert Vocabulary.from_yaml(csv_root / "labels.yaml") == inferred
+    assert inferred == dataclasses.replace(SYNTH_CSV, name=csv_root.name)
+    for image, rows in boxed.groupby("image"):
+        cols, n_rows = _size(csv_root / image)
+        assert (rows.x_min >= 0).all() and (rows.y_min >= 0).all()
+        assert (rows.x_max <= cols - 1).all() and (rows.y_max <= n_rows - 1).all()
+
+
+def _size(path: Path) -> tuple[int, int]:
+    """(columns, rows) of a DICOM, PNG or JPEG file."""
+    if path.suffix == ".dcm":
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return ds.Columns, ds.Rows
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_box_csv_images_decode_to_the_planned_pixels(csv_root: Path):
+    seen = set()
+    for plan in _plans("csv"):
+        path = csv_root / plan.file
+        expected = render(plan)
+        if plan.encoding == "dicom":
+            ds = pydicom.dcmread(path)
+            assert ds.pixel_array.shape == (plan.rows, plan.cols) and PHI_MARKER in str(ds.PatientName)
+            seen.add("dicom")
+            continue
+        with Image.open(path) as im:
+            assert im.size == (plan.cols, plan.rows)
+            seen.add((im.format, im.mode))
+            arr = np.asarray(im).astype(np.float64)
+        if im.mode == "RGB":
+            assert (arr == arr[..., :1]).all()
+            arr = arr[..., 0]
+        scale = 65535.0 if im.mode == "I;16" else 255.0
+        err = np.abs(arr / scale - expected)
+        assert (err.mean() < 0.01) if im.format == "JPEG" else (err.max() <= 0.5 / scale + 1e-6), plan.file
+    assert seen == {"dicom", ("PNG", "L"), ("PNG", "I;16"), ("PNG", "RGB"), ("JPEG", "L")}
+    assert len(ENCODINGS["csv"]) == 5
+
+
+def test_coco_files_are_the_plans(coco_root: Path):
+    plans = {p.file: p for p in _plans("coco")}
+    assert sorted(p.name for p in (coco_root / "annotations").iterdir()) == [
+        "instances_test.json", "instances_train.json"]
+    image_ids, annotation_ids, n_images = set(), set(), 0
+    for split in ("train", "test"):
+        doc = json.loads((coco_root / "annotations" / f"instances_{split}.json").read_text())
+        names = [c["name"] for c in sorted(doc["categories"], key=lambda c: c["id"])]
+        assert names == list(SYNTH_COCO.local_labels)
+        by_id = {c["id"]: c["name"] for c in doc["categories"]}
+        for image in doc["images"]:
+            plan = plans[f"images/{image['file_name']}"]
+            assert plan.split == split and (image["width"], image["height"]) == (plan.cols, plan.rows)
+            with Image.open(coco_root / "images" / image["file_name"]) as im:
+                assert im.format == "PNG" and im.size == (plan.cols, plan.rows)
+                assert np.abs(np.asarray(im) / 255.0 - render(plan)).max() <= 0.5 / 255 + 1e-6
+            got = sorted((by_id[a["category_id"]], round(a["bbox"][0], 2), round(a["bbox"][1], 2),
+                          round(a["bbox"][0] + a["bbox"][2], 2), round(a["bbox"][1] + a["bbox"][3], 2))
+                         for a in doc["annotations"] if a["image_id"] == image["id"])
+            assert got == sorted((f.label, *f.box) for f in plan.truth)  # none: a no-finding image
+            image_ids.add(image["id"])
+            n_images += 1
+        annotation_ids |= {a["id"] for a in doc["annotations"]}
+        assert all(a["bbox"][2] > 0 and a["bbox"][3] > 0 and a["iscrowd"] == 0 for a in doc["annotations"])
+    assert n_images == len(image_ids) == len(plans)
+    assert any(not p.truth for p in plans.values()) and any(p.truth for p in plans.values())
+    assert Vocabulary.from_yaml(coco_root / "labels.yaml") == dataclasses.replace(SYNTH_COCO, name=coco_root.name)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "coco"])
+def test_new_formats_rerun_gives_identical_bytes(fmt: str, tmp_path: Path):
+    kw = dict(n_train=6, n_test=4, max_side_px=128, fmt=fmt)
+    first = _digest(_make(tmp_path / "a" / "root", **kw))
+    assert first == _digest(_make(tmp_path / "a" / "root", workers=2, **kw))  # over its own earlier run
+    assert first == _digest(_make(tmp_path / "b" / "root", **kw))
+    assert first != _digest(_make(tmp_path / "c" / "root", seed=1, **kw))
+
+
+def test_rerun_in_another_format_replaces_every_file(tmp_path: Path):
+    out = tmp_path / "root"
+    kw = dict(n_train=5, n_test=2, max_side_px=128)
+    _make(out, fmt="csv", **kw)
+    _make(out, **kw)
+    assert sorted(p.name for p in out.iterdir()) == [SENTINEL, "annotations", "test", "train"]
+    _make(out, fmt="coco", **kw)
+    assert sorted(p.name for p in out.iterdir()) == [SENTINEL, "annotations", "images", "labels.yaml"]
+    assert sorted(p.name for p in (out / "annotations").iterdir()) == ["instances_test.json", "instances_train.json"]
+    _make(out, fmt="csv", **kw)
+    assert sorted(p.name for p in out.iterdir()) == [SENTINEL, "annotations.csv", "images", "labels.yaml"]
+    assert len(list((out / "images").iterdir())) == 7
+    foreign = tmp_path / "real"
+    (foreign / "images").mkdir(parents=True)
+    with pytest.raises(FileExistsError):
+        _make(foreign, fmt="coco", **kw)
+
+
+def test_cli_format(tmp_path: Path, capsys):
+    out = tmp_path / "coco"
+    assert cli.main(["synth", "--out", str(out), "--format", "coco", "--train", "2", "--test", "1",
+                     "--max-side-px", "128", "--workers", "1"]) == 0
+    assert "(coco format)" in capsys.readouterr().out
+    assert len(list((out / "images").glob("*.png"))) == 3
+    assert cli.main(["synth", "--out", str(tmp_path / "x"), "--format", "csv", "--layout", "kaggle"]) == 2
+    assert "layout 'kaggle'" in capsys.readouterr().err

@@ -82,7 +82,7 @@ _OUTPUTS = ("train/*.dicom", "test/*.dicom", "annotations/*.csv", "annotations/i
 _FOLDERS = ("annotations", "images", "train", "test")
 RATER_POOL = tuple(f"R{i}" for i in range(1, 18))
 RATERS_PER_IMAGE = 3
-# The PhysioNet train CSV spells one column by its alias ("Other diseases"), the test CSV by its name.
+# The PhysioNet train CSV spells one column by its alias (VINDR_CXR.aliases), the test CSV by its name.
 TRAIN_SPELLING = {label: alias for alias, label in VINDR_CXR.aliases.items()}
 BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
 CSV_COLUMNS = ("image", "label", *BOX_COLUMNS, "rater", "split")

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from litegpt import grammar
-from litegpt.data.shards import MANIFEST, Sample, iter_tar, shard_name, write_shard
+from litegpt.data.shards import MANIFEST, Sample, iter_tar, read_manifest, shard_name, write_shard
 from litegpt.features import build_cache, open_cache
 from litegpt.files import write_json_atomic
+from litegpt.grammar import Grammar
+from litegpt.labels import VINDR_CXR
 from litegpt.model.config import Visual, load_model_config
 from litegpt.model.encoders import VisualBackbone
 from litegpt.model.inputs import TrainSample
@@ -50,7 +51,7 @@ def write_shards(directory: Path, n: int, per_shard: int = 16, seed: int = 0) ->
             image = noise.filter(ImageFilter.GaussianBlur(6))
             buffer = io.BytesIO()
             image.save(buffer, format="PNG", compress_level=1)
-            meta = {"image_id": f"img{i:05d}", "split": "train", "findings": [], "diagnoses": ["No finding"]}
+            meta = {"image_id": f"img{i:05d}", "split": "train", "findings": [], "diagnoses": [VINDR_CXR.no_finding]}
             samples.append(Sample(f"img{i:05d}", {"png": buffer.getvalue(), "json": json.dumps(meta).encode()}))
         count, digest = write_shard(directory / shard_name("train", index), samples)
         shards.append({"name": shard_name("train", index), "split": "train", "samples": count, "sha256": digest})
@@ -91,13 +92,14 @@ def step_times(cfg, shards: Path, batch_size: int, steps: int) -> dict[str, floa
     model = build_model(cfg)
     model.train()
     cache = open_cache(shards, cfg.vision)
-    prompt = grammar.render_prompt("vqa")
+    grammar = Grammar.from_record(read_manifest(shards))  # VinDr-CXR's: the manifest records no other
+    prompt = grammar.prompt("vqa")
     pngs = {}
     for path in sorted(shards.glob("train-*.tar")):
         pngs.update({s.key: s.members["png"] for s in iter_tar(path, extensions={"png"})})
     cached, live = [], []
     for key, meta, features in cache.samples("train"):
-        answer = grammar.render_answer("vqa", meta)
+        answer = grammar.answer("vqa", meta)
         pixels = model.vision.preprocess(Image.open(io.BytesIO(pngs[key])))
         cached.append(TrainSample(key, prompt, answer, features, Visual.CACHE))
         live.append(TrainSample(key, prompt, answer, pixels, Visual.LIVE))

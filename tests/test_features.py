@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from litegpt import grammar
 from litegpt.data.shards import read_manifest
 from litegpt.features import (
     FeatureCacheError,
@@ -24,8 +23,12 @@ from litegpt.features import (
     fingerprint_inputs,
     open_cache,
 )
+from litegpt.grammar import Grammar
+from litegpt.labels import VINDR_CXR
 from litegpt.model.config import Visual
 from litegpt.model.inputs import TrainSample
+
+VINDR = Grammar(VINDR_CXR)  # the tiny shards' text: their manifest records no vocabulary
 
 
 def _members(path):
@@ -110,7 +113,7 @@ def test_cache_and_live_give_the_same_loss(cache, tiny_shards, tiny_model):
         images.update(_members(tiny_shards / record["name"]))
     live, cached = [], []
     for key, meta, features in cache.samples("train"):
-        prompt, answer = grammar.render_prompt("identify"), grammar.render_answer("identify", meta)
+        prompt, answer = VINDR.prompt("identify"), VINDR.answer("identify", meta)
         pixels = tiny_model.vision.preprocess(Image.open(io.BytesIO(images[f"{key}.png"])))
         live.append(TrainSample(key, prompt, answer, pixels, Visual.LIVE))
         cached.append(TrainSample(key, prompt, answer, features, Visual.CACHE))
@@ -200,8 +203,8 @@ def test_cli_and_a_training_step_on_real_shards(prepared, tiny_config, tmp_path)
     samples = []
     for key, meta, features in cache.samples("train"):
         if meta["findings"]:
-            samples.append(TrainSample(key, grammar.render_prompt("identify"),
-                                       grammar.render_answer("identify", meta), features, Visual.CACHE))
+            samples.append(TrainSample(key, VINDR.prompt("identify"),
+                                       VINDR.answer("identify", meta), features, Visual.CACHE))
         if len(samples) == 4:
             break
     assert len(samples) == 4

@@ -12,11 +12,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from litegpt import grammar
+from litegpt.grammar import IMAGE_PLACEHOLDER, Grammar
+from litegpt.labels import VINDR_CXR
 from litegpt.model.config import ConfigError, Visual, load_model_config
 from litegpt.model.inputs import IGNORE_INDEX, InputBuilder, TrainSample
 from litegpt.model.model import TokenMerge, build_llm, choose_attention
 from litegpt.model.summary import meta_model, summary_lines
+
+VINDR = Grammar(VINDR_CXR)
 
 SAMPLE = {"image_id": "x", "findings": [{"label": "Cardiomegaly", "box": [0.38, 0.49, 0.82, 0.63]},
                                         {"label": "Aortic enlargement", "box": [0.53, 0.28, 0.65, 0.36]}],
@@ -93,8 +96,8 @@ def test_token_merge_batch_norm_standardises_each_position_and_channel():
 def _samples(model, n=2, answer=None):
     pixels = {name: torch.randn(3, 224, 224) for name in model.encoder_names}
     tasks = ["identify", "vqa"]
-    return [TrainSample(f"k{i}", grammar.render_prompt(tasks[i % 2]),
-                        answer or grammar.render_answer(tasks[i % 2], SAMPLE), pixels, Visual.LIVE) for i in range(n)]
+    return [TrainSample(f"k{i}", VINDR.prompt(tasks[i % 2]),
+                        answer or VINDR.answer(tasks[i % 2], SAMPLE), pixels, Visual.LIVE) for i in range(n)]
 
 
 def test_input_assembly(tiny_model):
@@ -114,7 +117,7 @@ def test_input_assembly(tiny_model):
         n = int(batch.attention_mask[row].sum())
         assert batch.attention_mask[row, :n].all()  # right padding
         prompt_text = tok.decode(batch.input_ids[row, int(slots[-1]) + 1:n - len(answer_ids)])
-        assert prompt_text == samples[row].prompt.split(grammar.IMAGE_PLACEHOLDER)[1].strip()
+        assert prompt_text == samples[row].prompt.split(IMAGE_PLACEHOLDER)[1].strip()
     gen = tiny_model.inputs.generation_batch(["a", "b"], [s.prompt for s in samples],
                                              [s.visual for s in samples], Visual.LIVE)
     assert gen.labels is None and gen.attention_mask[:, -1].all()  # left padding
@@ -151,11 +154,11 @@ def test_loss_is_mean_cross_entropy_over_answer_tokens(tiny_model):
 
 def test_truncation_is_counted_never_silent(tiny_model):
     tok = tiny_model.tokenizer
-    prompt = grammar.render_prompt("identify")
-    answer = grammar.render_answer("identify", SAMPLE)
-    prompt_len = 1 + 49 + len(tok(prompt.replace(grammar.IMAGE_PLACEHOLDER, "|").split("|")[0],
+    prompt = VINDR.prompt("identify")
+    answer = VINDR.answer("identify", SAMPLE)
+    prompt_len = 1 + 49 + len(tok(prompt.replace(IMAGE_PLACEHOLDER, "|").split("|")[0],
                                   add_special_tokens=False)["input_ids"])
-    prompt_len += len(tok(prompt.split(grammar.IMAGE_PLACEHOLDER)[1], add_special_tokens=False)["input_ids"])
+    prompt_len += len(tok(prompt.split(IMAGE_PLACEHOLDER)[1], add_special_tokens=False)["input_ids"])
     answer_len = len(tok(answer, add_special_tokens=False)["input_ids"]) + 1
     pixels = {name: torch.zeros(3, 224, 224) for name in tiny_model.encoder_names}
     samples = [TrainSample("long", prompt, answer, pixels, Visual.LIVE), TrainSample("short", prompt, "COPD.", pixels, Visual.LIVE)]
@@ -243,7 +246,7 @@ def test_training_step_changes_only_trainable_parameters(tiny_config):
     assert any("lora_A" in n for n in trainable) and any(n.startswith("projector.") for n in trainable)
     assert not any("q_proj.base_layer" in n for n in trainable)
     batch = model.inputs.train_batch([  # two samples: the tiny preset's merge.norm is a BatchNorm
-        TrainSample(key, grammar.render_prompt("vqa"), "COPD.",
+        TrainSample(key, VINDR.prompt("vqa"), "COPD.",
                     {"biomedclip": torch.randn(196, 64).half(), "pubmedclip": torch.randn(49, 64).half()}, Visual.CACHE)
         for key in ("a", "b")])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -289,7 +292,7 @@ def test_tiny_weights_are_deterministic_and_reload(tiny_config, tmp_path):
     assert (tmp_path / "llm" / "tokenizer.json").read_bytes() == \
         (Path(tiny_config.llm.source) / "tokenizer.json").read_bytes()
     tok = AutoTokenizer.from_pretrained(tmp_path / "llm")
-    text = grammar.render_answer("identify", SAMPLE) + " ünïcode"
+    text = VINDR.answer("identify", SAMPLE) + " ünïcode"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # byte fallback round trip
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     assert len(tok) <= tiny_config.llm.arch["vocab_size"]

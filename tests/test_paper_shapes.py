@@ -178,13 +178,14 @@ def test_killed_stage1_resumes_with_equal_losses_and_the_loss_falls(paper_run):
 
 def test_stage2_trains_from_stage1s_export_which_reloads_to_the_trained_logits(paper_run, fresh, prepared):
     from litegpt.features import open_cache
-    from litegpt.grammar import render_prompt
+    from litegpt.grammar import Grammar
     from litegpt.model.config import Visual
     from litegpt.model.export import load_export
 
     config = yaml.safe_load((paper_run / "stage2/config.yaml").read_text())
     assert config["stage"]["init_from"] == str(paper_run / "stage1/export")
-    assert json.loads((paper_run / "stage2/export/export.json").read_text())["stage"] == "stage2"
+    info = json.loads((paper_run / "stage2/export/export.json").read_text())
+    assert info["stage"] == "stage2"
     stage_dir = paper_run / "stage2"
     exported, trained = fresh(), fresh()
     cache = open_cache(prepared, exported.cfg.vision)
@@ -194,7 +195,7 @@ def test_stage2_trains_from_stage1s_export_which_reloads_to_the_trained_logits(p
         visual.append(features)
         if len(keys) == 2:
             break
-    batch = exported.inputs.generation_batch(keys, [render_prompt("vqa")] * 2, visual, Visual.CACHE)
+    batch = exported.inputs.generation_batch(keys, [Grammar.from_record(info).prompt("vqa")] * 2, visual, Visual.CACHE)
 
     def logits(model) -> torch.Tensor:
         with torch.no_grad():

@@ -1,13 +1,18 @@
 """The Trainer's step logic in one process, without DeepSpeed: a stand-in engine (a tiny module, SGD, the
 engine's accumulation rules) and in-memory micro-batches, checked against the same training written out
-as a plain PyTorch loop."""
+as a plain PyTorch loop. And what a stage takes from its shard set: the text its stream renders (the set's
+label vocabulary and template), the data its checkpoints record, the export it may start from."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import pickle
 import random
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from litegpt.data.shards import MANIFEST, read_manifest, read_samples, shard_paths
 from litegpt.distributed import ExitCode, Preemption, free_port
+from litegpt.files import write_json_atomic
+from litegpt.grammar import Grammar, TaskTemplate
+from litegpt.labels import VINDR_CXR, Vocabulary, VocabularyMismatch
 from litegpt.model.config import ConfigError, Visual
 from litegpt.model.inputs import IGNORE_INDEX, Batch
 from litegpt.train.checkpoint import Checkpointer, ResumeError
@@ -31,10 +40,14 @@ from litegpt.train.config import (
     StageSection,
     TrainConfig,
     TrainSection,
+    check_inputs,
     data_record,
 )
 from litegpt.train.monitor import FlopModel, Monitor
+from litegpt.train.stream import TrainStream
 from litegpt.train.trainer import Schedule, Trainer, TrainState
+
+REPO = Path(__file__).resolve().parent.parent
 
 VOCAB, WIDTH, LR = 13, 8, 0.5
 SGD = {"lr": LR, "momentum": 0.9, "weight_decay": 0.01}  # like AdamW, a zero gradient would still move the weights
@@ -179,8 +192,8 @@ def make_trainer(run_dir: Path, *, grad_accum: int = 2, epochs: int = 2, max_non
     monitor = Monitor(cfg.stage_dir, True, cfg.log.every, schedule.total_steps, start, FlopModel(10, 2, 3, 1, WIDTH),
                       None, 1)
     checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, 0, 1, data)
-    return Trainer(cfg, StandInEngine(grad_accum), ListStream(nan), schedule, checkpointer, monitor, state,
-                   preemption, inject)
+    return Trainer(cfg, StandInEngine(grad_accum), ListStream(nan), schedule, checkpointer, monitor,
+                   Grammar(VINDR_CXR), state, preemption, inject)
 
 
 def records(trainer: Trainer) -> list[dict]:
@@ -407,6 +420,15 @@ def test_a_checkpoint_written_before_the_run_record_is_refused(tmp_path):
         make_trainer(tmp_path).checkpointer.load(trainer.engine, trainer.cfg.digest())
 
 
+def resume(run_dir: Path, data: dict) -> dict | None:
+    """The client state of the checkpoint in `run_dir`, restored by a stage whose data record is `data`."""
+    again = make_trainer(run_dir, epochs=1, data=data)
+    try:
+        return again.checkpointer.load(again.engine, again.cfg.digest())
+    finally:
+        again.close()
+
+
 def test_a_checkpoint_refuses_other_data(tmp_path, make_shards):
     """Shards rewritten in place, or another split or filter: the resume is refused, saying what changed."""
     shards = make_shards(tmp_path / "shards", {"train": [3, 2], "test": [2]})
@@ -415,17 +437,95 @@ def test_a_checkpoint_refuses_other_data(tmp_path, make_shards):
     trainer.fit()
     trainer.close()
 
-    def resume(data: dict) -> dict | None:
-        again = make_trainer(tmp_path / "run", epochs=1, data=data)
-        try:
-            return again.checkpointer.load(again.engine, again.cfg.digest())
-        finally:
-            again.close()
-
-    assert resume(data_record(cfg))["step"] == 2  # the same data resumes
+    assert resume(tmp_path / "run", data_record(cfg))["step"] == 2  # the same data resumes
     with pytest.raises(ResumeError, match=r"trained on other data \(findings_only was True, now False\): use a new "
                                           r"run.dir, or --resume none"):
-        resume(data_record(dataclasses.replace(cfg, stage=StageSection(findings_only=False))))
+        resume(tmp_path / "run", data_record(dataclasses.replace(cfg, stage=StageSection(findings_only=False))))
     make_shards(shards, {"train": [3, 2], "test": [2]}, seed=1)  # other pixels; the same names and counts
     with pytest.raises(ResumeError, match=r"the shards of split 'train' differ: re-prepared or altered"):
-        resume(data_record(cfg))
+        resume(tmp_path / "run", data_record(cfg))
+
+
+# A dataset that is not VinDr-CXR, in other words: the tiny shards' labels (Cardiomegaly, COPD, No finding) in
+# another vocabulary (other labels, another order) and template.
+OTHER = Grammar(Vocabulary.build("chest-other", ["Mass", "Cardiomegaly"], ["Fibrosis", "COPD"]),
+                TaskTemplate(identify="Box every finding.", vqa="Which of {global_choices} apply?",
+                             local_prefix="Findings:", global_prefix="Diagnoses:", no_findings_prefix="I see",
+                             no_findings="nothing of note", no_diagnosis="nothing"))
+
+
+def with_grammar(shards: Path, grammar: Grammar) -> Path:
+    """The shard set's manifest records `grammar`, as `litegpt prepare` records a dataset's."""
+    write_json_atomic(shards / MANIFEST, {**read_manifest(shards), **grammar.to_dict()})
+    return shards
+
+
+def test_the_stream_renders_its_shard_sets_labels_and_sentences(tmp_path, make_shards, tiny_config):
+    """Prompts and answers come from the manifest's vocabulary and template; the spec pickles for loader workers."""
+    shards = with_grammar(make_shards(tmp_path / "shards", {"train": [2]}), OTHER)
+    cfg = TrainConfig(model="unused.yaml", data=DataSection(shards=str(shards), features=Visual.LIVE),
+                      stage=StageSection(tasks=("identify", "vqa"), findings_only=False))
+    stream = TrainStream.from_recipe(cfg, tiny_config, shards, 0, 1)
+    spec = pickle.loads(pickle.dumps(stream.spec))
+    assert spec.grammar.to_dict() == OTHER.to_dict() and spec.grammar.parse("Findings: <p>Mass</p> {<1><2><3><4>}."
+                                                                            ).findings == [("Mass", (1, 2, 3, 4))]
+    texts = [(s.prompt, s.answer) for raw in read_samples(shard_paths(shards, "train")) for s in stream._samples(raw)]
+    assert texts == [
+        ("[INST] <Img><ImageHere></Img> [identify] Box every finding. [/INST]", "I see nothing of note."),
+        ("[INST] <Img><ImageHere></Img> [vqa] Which of Fibrosis, COPD, or No Finding apply? [/INST]",
+         "Diagnoses: No finding."),
+        ("[INST] <Img><ImageHere></Img> [identify] Box every finding. [/INST]",
+         "Findings: <p>Cardiomegaly</p> {<30><50><70><80>}."),
+        ("[INST] <Img><ImageHere></Img> [vqa] Which of Fibrosis, COPD, or No Finding apply? [/INST]",
+         "Diagnoses: COPD."),
+    ]
+
+
+def test_a_checkpoint_refuses_another_vocabulary_and_one_that_records_none_is_vindr(tmp_path, make_shards):
+    """Checkpoints written before vocabularies were recorded resume on VinDr-CXR shards as before; the same
+    shards in another vocabulary are other data, named."""
+    shards = make_shards(tmp_path / "shards", {"train": [3, 2], "test": [2]})
+    cfg = TrainConfig(model="unused.yaml", data=DataSection(shards=str(shards)))
+    record = data_record(cfg)
+    assert Grammar.from_record(record).to_dict() == Grammar(VINDR_CXR).to_dict()
+    trainer = make_trainer(tmp_path / "run", epochs=1,
+                           data={k: v for k, v in record.items() if k not in ("vocabulary", "template")})
+    trainer.fit()
+    trainer.close()
+    assert resume(tmp_path / "run", record)["step"] == 2
+
+    other = with_grammar(Path(shutil.copytree(shards, tmp_path / "other")), OTHER)  # the same shard files
+    with pytest.raises(ResumeError, match=r"trained on other data \(the label vocabulary was 'vindr-cxr' \(22 local, "
+                                          r"6 global labels\), now 'chest-other' \(2 local, 3 global labels\); the "
+                                          r"task template's identify, vqa, local_prefix, global_prefix, "
+                                          r"no_findings_prefix, no_findings, no_diagnosis differ\): use a new run.dir"):
+        resume(tmp_path / "run", data_record(dataclasses.replace(cfg, data=DataSection(shards=str(other)))))
+
+
+def test_a_stage_refuses_an_export_of_another_vocabulary_before_any_work(tmp_path, make_shards, tiny_model):
+    """stage.init_from on shards of another vocabulary: refused when the recipe is checked, naming both; exports
+    written before vocabularies were recorded are VinDr-CXR's."""
+    from litegpt.model.export import INFO, save_export, verify_export
+
+    shards = with_grammar(make_shards(tmp_path / "shards", {"train": [3, 2], "test": [2]}), OTHER)
+    export = tmp_path / "runs/stage1/export"
+    save_export(tiny_model, export, {"stage": "stage1", **OTHER.to_dict()})
+    cfg = TrainConfig(model="unused.yaml", data=DataSection(shards=str(shards)),
+                      stage=StageSection(name="stage2", tasks=("vqa",), findings_only=False, init_from=str(export)))
+    check_inputs(cfg)  # the same vocabulary
+
+    info = json.loads((export / INFO).read_text())
+    (export / INFO).write_text(json.dumps({k: v for k, v in info.items() if k not in ("vocabulary", "template")}))
+    verify_export(export)  # export.json's hashes are of the other files: a sound export, of VinDr-CXR
+    refusal = (f"stage.init_from = {export} uses the label vocabulary 'vindr-cxr' (22 local, 6 global labels), but "
+               f"the shard set {shards} uses 'chest-other' (2 local, 3 global labels); they must be the same")
+    with pytest.raises(VocabularyMismatch) as refused:
+        check_inputs(cfg)
+    assert str(refused.value) == refusal
+
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/tiny/stage2.yaml"),
+                           "--deepspeed", str(REPO / "ds_configs/zero2.json"), "--set", f"run.dir={tmp_path / 'runs'}",
+                           "--set", f"data.shards={shards}", "--set", f"stage.init_from={export}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.splitlines() == [f"train.py: {refusal}"]
+    assert not (tmp_path / "runs/stage2").exists()

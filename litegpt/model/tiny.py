@@ -31,19 +31,21 @@ BYTE_TOKENS = tuple(f"<0x{i:02X}>" for i in range(256))
 
 
 def tokenizer_corpus() -> list[str]:
-    """Deterministic training text: every prompt, label, coordinate and answer form of the grammar."""
-    from litegpt import grammar
-    from litegpt.labels import GLOBAL_LABELS, LOCAL_LABELS, NO_FINDING
+    """Deterministic training text: every prompt, label, coordinate and answer form of VinDr-CXR's grammar
+    (the tiny tokenizer's vocabulary stays the same for every dataset; byte fallback spells other labels)."""
+    from litegpt.grammar import Grammar
+    from litegpt.labels import VINDR_CXR
 
-    lines = [grammar.render_prompt(task) for task in grammar.INSTRUCTIONS]
-    lines += [grammar.render_prompt("identify", "[grounding]"), grammar.NO_FINDINGS_ANSWER]
-    for i, label in enumerate(LOCAL_LABELS):
+    grammar, local, diagnoses = Grammar(VINDR_CXR), VINDR_CXR.local_labels, VINDR_CXR.global_labels
+    lines = [grammar.prompt(task) for task in grammar.instructions]
+    lines += [grammar.prompt("identify", "[grounding]"), grammar.no_findings_answer]
+    for i, label in enumerate(local):
         box = [((i * 7 + j * 13) % 50) / 100 + j // 2 * 0.45 for j in range(4)]
-        other = LOCAL_LABELS[(i + 5) % len(LOCAL_LABELS)]
-        lines.append(grammar.render_findings([(label, box), (other, [b * 0.9 for b in box])]))
-    lines += [grammar.render_diagnoses([g]) for g in GLOBAL_LABELS]
-    lines += [grammar.render_diagnoses([a, b]) for a in GLOBAL_LABELS for b in GLOBAL_LABELS
-              if NO_FINDING not in (a, b) and a < b]
+        other = local[(i + 5) % len(local)]
+        lines.append(grammar.findings([(label, box), (other, [b * 0.9 for b in box])]))
+    lines += [grammar.diagnoses([g]) for g in diagnoses]
+    lines += [grammar.diagnoses([a, b]) for a in diagnoses for b in diagnoses
+              if VINDR_CXR.no_finding not in (a, b) and a < b]
     lines += [" ".join(f"<{n}>" for n in range(start, start + 10)) for start in range(0, 101, 10)]
     return lines * 4
 

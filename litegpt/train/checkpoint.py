@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from litegpt.files import write_bytes_atomic, write_json_atomic
+from litegpt.grammar import Grammar
 
 LATEST = "latest"
 RUN_RECORD = "run.json"
@@ -91,10 +92,16 @@ def _data_differences(before: dict, now: dict) -> list[str]:
     """What changed between two `litegpt.train.config.data_record`s, in words."""
     out = [f"{key} was {before.get(key)!r}, now {now.get(key)!r}"
            for key in ("split", "tasks", "findings_only", "validation") if before.get(key) != now.get(key)]
+    was, is_ = Grammar.from_record(before), Grammar.from_record(now)  # records without them: VinDr-CXR, the paper's
+    if was.vocabulary != is_.vocabulary:
+        out.append(f"the label vocabulary was {was.vocabulary.describe()}, now {is_.vocabulary.describe()}")
+    if was.template != is_.template:
+        fields = [k for k, v in is_.template.to_dict().items() if was.template.to_dict()[k] != v]
+        out.append(f"the task template's {', '.join(fields)} differ")
     if before["shards"] != now["shards"]:
         old = before["preparation"]
         changed = [f"{key} {old.get(key)!r} -> {value!r}" for key, value in now["preparation"].items()
-                   if old.get(key) != value]
+                   if old.get(key) != value and key not in ("vocabulary", "template")]  # named above
         out.append(f"the shards of split {now['split']!r} differ: "
                    + (f"re-prepared with {', '.join(changed)}" if changed else "re-prepared or altered"))
     return out

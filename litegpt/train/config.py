@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator
 
 from litegpt.data.shards import read_manifest
 from litegpt.data.splits import Holdout, choose_holdout
-from litegpt.grammar import TASKS
+from litegpt.grammar import TASKS, Grammar
+from litegpt.labels import Vocabulary
 from litegpt.model.config import ConfigError, ModelConfig, Visual, build_dataclass, load_model_config, parse_yaml
 
 
@@ -266,6 +267,7 @@ class Recipe:
     bf16: bool
     data: dict  # `data_record(cfg)`: what the stage trains on, recorded in its checkpoints
     holdout: Holdout | None  # the validation images (`validation_holdout(cfg)`); None: no validation
+    grammar: Grammar  # `stage_grammar(cfg)`: the shard set's labels and sentences, recorded in the stage's exports
 
 
 def load_recipe(config: Path, overrides: list[str], deepspeed_json: Path, world_size: int) -> Recipe:
@@ -281,19 +283,36 @@ def load_recipe(config: Path, overrides: list[str], deepspeed_json: Path, world_
     on_gpu = torch.cuda.is_available()
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
     return Recipe(cfg, model_cfg, deepspeed_config(ds_base, cfg, world_size, bf16), bf16, data_record(cfg),
-                  validation_holdout(cfg))
+                  validation_holdout(cfg), stage_grammar(cfg))
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """Stage prerequisites that can be checked before starting ranks."""
+    """Stage prerequisites that can be checked before starting ranks: data in the split, and a previous stage's
+    export (stage.init_from) trained on the same label vocabulary as this stage's shards (VocabularyMismatch)."""
     manifest = read_manifest(Path(cfg.data.shards))
     if cfg.data.split not in manifest["splits"] or manifest["splits"][cfg.data.split]["samples"] == 0:
         raise ValueError(f"{cfg.data.shards}: no samples in split {cfg.data.split!r}")
-    if cfg.stage.init_from and not (Path(cfg.stage.init_from) / "projector.safetensors").is_file():
-        raise ValueError(f"stage.init_from = {cfg.stage.init_from}: no export there; train the previous stage "
-                         "first (its export is written to <run.dir>/<stage>/export when it ends, and to "
-                         "<run.dir>/<stage>/export-best whenever a validation improves eval.best)")
+    grammar = stage_grammar(cfg)
+    if cfg.stage.init_from:
+        export = Path(cfg.stage.init_from)
+        # the files litegpt.model.export writes (its module needs torch, which is not loaded yet)
+        if not (export / "projector.safetensors").is_file() or not (export / "export.json").is_file():
+            raise ValueError(f"stage.init_from = {export}: no export there; train the previous stage first (its "
+                             "export is written to <run.dir>/<stage>/export when it ends, and to "
+                             "<run.dir>/<stage>/export-best whenever a validation improves eval.best)")
+        try:
+            info = json.loads((export / "export.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{export / 'export.json'}: not valid JSON ({exc})") from None
+        Vocabulary.of_manifest(info).require_same(grammar.vocabulary, f"stage.init_from = {export}",
+                                                  f"the shard set {cfg.data.shards}")
     validation_holdout(cfg)
+
+
+def stage_grammar(cfg: TrainConfig) -> Grammar:
+    """The text the stage trains on: its shard set's label vocabulary and task template, as `litegpt prepare`
+    recorded them in manifest.json (sets prepared before they were recorded: VinDr-CXR, the paper's text)."""
+    return Grammar.from_record(read_manifest(Path(cfg.data.shards)))
 
 
 def validation_holdout(cfg: TrainConfig) -> Holdout | None:
@@ -312,10 +331,13 @@ def data_record(cfg: TrainConfig) -> dict:
     `shards`, a digest of the split's shards (name, samples, sha256) from the manifest, changes whenever the
     shards are re-prepared with other contents; `preparation` (the manifest's parameters, e.g. the label
     policy) only explains such a change; `validation`, what is held out (`litegpt.data.splits.Holdout`), changes
-    the training set with the fraction (which the config digest holds)."""
+    the training set with the fraction (which the config digest holds); `vocabulary` and `template`
+    (`stage_grammar`), the labels and sentences of the text: records written before they were recorded mean
+    VinDr-CXR's and the paper's (`Grammar.from_record`)."""
     manifest = read_manifest(Path(cfg.data.shards))
     shards = sorted([s["name"], s["samples"], s.get("sha256")] for s in manifest["shards"] if s["split"] == cfg.data.split)
     holdout = validation_holdout(cfg)
     return {"shards": hashlib.sha256(json.dumps(shards).encode()).hexdigest(), "split": cfg.data.split,
             "tasks": list(cfg.stage.tasks), "findings_only": cfg.stage.findings_only,
-            "preparation": manifest.get("params", {}), "validation": None if holdout is None else holdout.record()}
+            "preparation": manifest.get("params", {}), "validation": None if holdout is None else holdout.record(),
+            **Grammar.from_record(manifest).to_dict()}

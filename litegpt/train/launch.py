@@ -119,5 +119,5 @@ def build_trainer(recipe: Recipe, rank: int, world: int, *, resume: bool, preemp
               flush=True)
     monitor = Monitor(cfg.stage_dir, rank == 0, cfg.log.every, schedule.total_steps, state.step, flop_model_of(model),
                       device_peak_tflops(cfg.log.peak_tflops), world)
-    return Trainer(cfg, engine, stream, schedule, checkpointer, monitor, state, preemption, inject_nonfinite,
-                   validation, best)
+    return Trainer(cfg, engine, stream, schedule, checkpointer, monitor, recipe.grammar, state, preemption,
+                   inject_nonfinite, validation, best)

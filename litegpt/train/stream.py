@@ -7,7 +7,8 @@ a buffer and grouped by answer length to cut padding. Everything random is seede
 a resumed run skips the batches it had consumed and then sees exactly what an uninterrupted run would.
 
 Built from the recipe and the model config alone (tokenizer, image slots, encoders' preprocessing): no
-model is needed, and batches are collated in the loader workers.
+model is needed, and batches are collated in the loader workers. Prompts and answers are the shard set's
+text: its `Grammar` (label vocabulary and task template, from manifest.json).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ import webdataset as wds
 from litegpt.data.shards import iter_json, read_manifest, read_samples
 from litegpt.data.splits import Holdout
 from litegpt.features import Decode, visual_decoder
-from litegpt.grammar import render_answer, render_prompt
+from litegpt.grammar import Grammar
 from litegpt.model.config import ModelConfig, Visual
 from litegpt.model.encoders import ImagePreprocessor
 from litegpt.model.inputs import InputBuilder, TrainSample
 from litegpt.model.model import load_tokenizer
-from litegpt.train.config import TrainConfig, validation_holdout
+from litegpt.train.config import TrainConfig, stage_grammar, validation_holdout
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class StreamSpec:
     split: str
     n_samples: int  # samples per epoch before splitting across ranks (after the filters, x tasks)
     tasks: tuple[str, ...]
+    grammar: Grammar  # renders the prompts and answers
     task_token: str | None
     findings_only: bool
     source: Visual  # what the shards in `urls` carry to the model: cached features or images
@@ -56,7 +58,7 @@ class StreamSpec:
         counts = eligible_counts(Path(cfg.data.shards), cfg.data.split, cfg.stage.findings_only, holdout)
         return cls(urls=tuple(str(Path(source_dir) / name) for name, n in counts.items() if n > 0),
                    split=cfg.data.split, n_samples=sum(counts.values()) * len(cfg.stage.tasks), tasks=cfg.stage.tasks,
-                   task_token=cfg.stage.task_token, findings_only=cfg.stage.findings_only, source=cfg.data.features,
+                   grammar=stage_grammar(cfg), task_token=cfg.stage.task_token, findings_only=cfg.stage.findings_only, source=cfg.data.features,
                    micro_batch=cfg.train.micro_batch, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                    length_group=cfg.data.length_group, num_workers=cfg.data.num_workers, holdout=holdout)
 
@@ -108,10 +110,10 @@ class TrainStream:
         meta = json.loads(raw["json"])
         if not trained_on(meta, self.spec.split, self.spec.findings_only, self.spec.holdout):
             return []
-        visual = self.visual(raw)
-        return [TrainSample(f"{meta['image_id']}/{task}", render_prompt(task, self.spec.task_token if task == "identify"
-                                                                        else None),
-                            render_answer(task, meta), visual, self.spec.source) for task in self.spec.tasks]
+        visual, grammar = self.visual(raw), self.spec.grammar
+        return [TrainSample(f"{meta['image_id']}/{task}",
+                            grammar.prompt(task, self.spec.task_token if task == "identify" else None),
+                            grammar.answer(task, meta), visual, self.spec.source) for task in self.spec.tasks]
 
     def _pipeline(self, epoch: int) -> wds.DataPipeline:
         spec = self.spec

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from litegpt.distributed import ExitCode, Preemption
+from litegpt.grammar import Grammar
 from litegpt.model.config import ConfigError
 from litegpt.model.inputs import Batch
 from litegpt.train.checkpoint import Checkpointer
@@ -118,12 +119,13 @@ class Trainer:
     """One stage's training on started ranks: every rank runs the same loop in step."""
 
     def __init__(self, cfg: TrainConfig, engine, stream: MicroBatches, schedule: Schedule, checkpointer: Checkpointer,
-                 monitor: Monitor, state: TrainState | None = None, preemption: Preemption | None = None,
-                 inject_nonfinite: Collection[int] = (), validation: Validation | None = None,
-                 best: BestValidation | None = None):
-        """`inject_nonfinite`: optimizer steps (from 1) whose micro-batches count as non-finite (fault injection);
+                 monitor: Monitor, grammar: Grammar, state: TrainState | None = None,
+                 preemption: Preemption | None = None, inject_nonfinite: Collection[int] = (),
+                 validation: Validation | None = None, best: BestValidation | None = None):
+        """`grammar`: the text the stream renders, recorded in every export (inference reads it back);
+        `inject_nonfinite`: optimizer steps (from 1) whose micro-batches count as non-finite (fault injection);
         `best`: as a resumed checkpoint recorded it."""
-        self.cfg, self.engine, self.stream, self.schedule = cfg, engine, stream, schedule
+        self.cfg, self.engine, self.stream, self.schedule, self.grammar = cfg, engine, stream, schedule, grammar
         self.checkpointer, self.monitor = checkpointer, monitor
         self.state = TrainState() if state is None else state
         self.preemption = Preemption() if preemption is None else preemption
@@ -258,7 +260,7 @@ class Trainer:
             try:
                 save_export(self.engine.module, self.cfg.stage_dir / name, {
                     "stage": self.cfg.stage.name, "step": self.state.step, "tasks": list(self.cfg.stage.tasks),
-                    "task_token": self.cfg.stage.task_token, **(info or {})})
+                    "task_token": self.cfg.stage.task_token, **self.grammar.to_dict(), **(info or {})})
             except ExportError as exc:  # returned after the barrier, so the other ranks are not left waiting
                 refused = exc
         return _from_rank0(refused)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.machinery
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,29 @@ def test_a_recipe_is_validated_before_torch_is_imported():
     result = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=120)
     assert "refused:" in result.stdout and "micro_batch" in result.stdout, result.stdout + result.stderr
     assert "torch imported: False" in result.stdout
+
+
+def string_constants(path: Path) -> list[str]:
+    """The string literals of a module's code; docstrings are prose (they may give examples) and are left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_no_module_but_labels_names_a_vindr_label():
+    """The vocabulary belongs to the data: only its owner, litegpt/labels.py, spells VinDr-CXR's labels
+    (and the synthetic vocabularies, whose NIH-like names overlap VinDr's)."""
+    from litegpt.labels import KAGGLE_CLASSES, VINDR_CXR
+
+    vindr = set(VINDR_CXR.all_labels) | set(KAGGLE_CLASSES) | set(VINDR_CXR.aliases)
+    pattern = re.compile("|".join(rf"(?<!\w){re.escape(name)}(?!\w)" for name in sorted(vindr, key=len, reverse=True)))
+    found = {}
+    for name, path in MODULES.items():
+        hits = sorted({m.group() for s in string_constants(path) for m in pattern.finditer(s)})
+        if hits and name != "litegpt.labels":
+            found[name] = hits
+    assert not found, f"VinDr-CXR labels named outside litegpt/labels.py: {found}"
+    assert pattern.search(" ".join(string_constants(MODULES["litegpt.labels"])))  # the scan does find them

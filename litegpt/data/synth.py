@@ -718,7 +718,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-side-px", type=int, default=3000,
                         help="longest image side is drawn from [max/2, max] (default 3000, like VinDr)")
     parser.add_argument("--no-finding-frac", type=float, default=0.5,
-                        help="fraction of images where every rater says No finding (default 0.5)")
+                        help="fraction of images where no rater reports anything (default 0.5)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 8)")
 
 

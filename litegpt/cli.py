@@ -12,7 +12,7 @@ import sys
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("litegpt.data.synth", "write a synthetic dataset in the PhysioNet VinDr-CXR layout"),
+    "synth": ("litegpt.data.synth", "write a synthetic dataset: VinDr-CXR (PhysioNet or Kaggle layout), a box CSV or COCO"),
     "prepare": ("litegpt.data.prepare", "convert a VinDr-CXR root (PhysioNet or Kaggle layout) into WebDataset shards"),
     "inspect": ("litegpt.data.inspection", "summarise a shard set and draw samples with their boxes"),
     "tiny-weights": ("litegpt.model.tiny", "write a model config's random weights and tokenizer in the real on-disk formats"),

@@ -10,6 +10,7 @@ import pytest
 from litegpt.boxes import iou_matrix, merge_overlapping, overlap_groups
 from litegpt.data.policy import Conflict, PolicyConfig, apply_policy
 from litegpt.data.sources import Annotation, ImageRecord
+from litegpt.labels import VINDR_CXR, Vocabulary
 
 
 def iou_by_hand(a, b):
@@ -82,10 +83,10 @@ CARDIO = (100.0, 200.0, 300.0, 400.0)
 def test_drop_policy_removes_conflicts_and_union_keeps_them():
     rows = [("R1", "No finding", None), ("R2", "Cardiomegaly", CARDIO), ("R3", "Cardiomegaly", CARDIO)]
     with pytest.raises(Conflict, match="R1 found nothing"):
-        apply_policy(record(rows), PolicyConfig("drop"))
-    union = apply_policy(record(rows), PolicyConfig("union"))
+        apply_policy(record(rows), PolicyConfig("drop"), VINDR_CXR)
+    union = apply_policy(record(rows), PolicyConfig("union"), VINDR_CXR)
     assert union.findings == [("Cardiomegaly", CARDIO)] and union.diagnoses == []
-    majority = apply_policy(record(rows), PolicyConfig("majority"))
+    majority = apply_policy(record(rows), PolicyConfig("majority"), VINDR_CXR)
     assert majority.findings == [("Cardiomegaly", CARDIO)]
 
 
@@ -93,23 +94,32 @@ def test_majority_needs_two_of_three_and_global_labels_follow_the_policy():
     other = (500.0, 500.0, 600.0, 600.0)
     rows = [("R1", "Cardiomegaly", CARDIO), ("R2", "Cardiomegaly", CARDIO), ("R3", "Nodule/Mass", other)]
     globals_ = {"R1": {"Pneumonia"}, "R2": {"Pneumonia", "COPD"}, "R3": set()}
-    majority = apply_policy(record(rows, globals_), PolicyConfig("majority"))
+    majority = apply_policy(record(rows, globals_), PolicyConfig("majority"), VINDR_CXR)
     assert [f[0] for f in majority.findings] == ["Cardiomegaly"] and majority.diagnoses == ["Pneumonia"]
-    drop = apply_policy(record(rows, globals_), PolicyConfig("drop"))
+    drop = apply_policy(record(rows, globals_), PolicyConfig("drop"), VINDR_CXR)
     assert [f[0] for f in drop.findings] == ["Cardiomegaly", "Nodule/Mass"]
-    assert drop.diagnoses == ["COPD", "Pneumonia"]  # GLOBAL_LABELS order
+    assert drop.diagnoses == ["COPD", "Pneumonia"]  # the vocabulary's global label order
 
 
 def test_all_raters_no_finding_gives_no_finding_and_consensus_keeps_boxes():
     rows = [(r, "No finding", None) for r in ("R1", "R2", "R3")]
-    labels = apply_policy(record(rows), PolicyConfig("drop"))
+    labels = apply_policy(record(rows), PolicyConfig("drop"), VINDR_CXR)
     assert labels.findings == [] and labels.diagnoses == ["No finding"] and labels.n_raters == 3
     near = (101.0, 200.0, 300.0, 400.0)  # overlaps CARDIO, but consensus boxes are taken as given
     consensus = apply_policy(record([("consensus", "Cardiomegaly", CARDIO), ("consensus", "Cardiomegaly", near)],
-                                    consensus=True), PolicyConfig("drop"))
+                                    consensus=True), PolicyConfig("drop"), VINDR_CXR)
     assert len(consensus.findings) == 2
 
 
 def test_bad_policy_names_are_refused():
     with pytest.raises(ValueError, match="unknown label policy"):
         PolicyConfig("vote")
+
+
+def test_policy_follows_the_vocabulary_order_and_no_finding_label():
+    vocabulary = Vocabulary.build("mine", ["Zeta", "Alpha"], ["Beta", "Aardvark"], "Normal")
+    rows = [("R1", "Alpha", CARDIO), ("R1", "Zeta", CARDIO), ("R2", "Alpha", CARDIO), ("R2", "Zeta", CARDIO)]
+    labels = apply_policy(record(rows, {"R1": {"Aardvark", "Beta"}, "R2": {"Beta"}}), PolicyConfig("union"), vocabulary)
+    assert [f[0] for f in labels.findings] == ["Zeta", "Alpha"] and labels.diagnoses == ["Beta", "Aardvark"]
+    nothing = apply_policy(record([("R1", "Normal", None)]), PolicyConfig("drop"), vocabulary)
+    assert nothing.findings == [] and nothing.diagnoses == ["Normal"]

@@ -21,7 +21,7 @@ from litegpt.data.inspection import draw_samples, label_colour, summary
 from litegpt.data.prepare import PrepareConfig, prepare
 from litegpt.data.shards import read_manifest
 from litegpt.data.synth import PHI_MARKER
-from litegpt.labels import GLOBAL_LABELS, NO_FINDING
+from litegpt.labels import VINDR_CXR
 
 
 def tar_bytes(directory: Path) -> dict[str, bytes]:
@@ -36,9 +36,9 @@ def expected_ids(root: Path) -> dict[str, set[str]]:
         labels = pd.read_csv(root / f"annotations/image_labels_{split}.csv")
         ids = set(labels.image_id)
         if split == "train":
-            diseases = [c for c in labels.columns if c in GLOBAL_LABELS[:-1] or c == "Other diseases"]
+            diseases = [c for c in labels.columns if c in VINDR_CXR.diseases or c == "Other diseases"]
             says = labels.assign(something=labels[diseases].sum(axis=1) > 0)[["image_id", "rad_id", "something"]]
-            boxed = boxes[boxes.class_name != NO_FINDING][["image_id", "rad_id"]].drop_duplicates().assign(box=True)
+            boxed = boxes[boxes.class_name != VINDR_CXR.no_finding][["image_id", "rad_id"]].drop_duplicates().assign(box=True)
             says = says.merge(boxed, on=["image_id", "rad_id"], how="left").fillna({"box": False})
             says["something"] = says.something | says.box.astype(bool)
             per_image = says.groupby("image_id").something.agg(["any", "all"])
@@ -65,7 +65,7 @@ def test_shards_hold_exactly_the_kept_images(prepared, synth_root):
 
 def test_boxes_are_drawn_boxes_normalised_by_the_original_size(prepared, synth_root):
     rows = pd.read_csv(synth_root / "annotations/annotations_train.csv")
-    rows = rows[rows.class_name != NO_FINDING]
+    rows = rows[rows.class_name != VINDR_CXR.no_finding]
     for shard in sorted(prepared.glob("train-*.tar")):
         for sample in wds.WebDataset(str(shard), shardshuffle=False).decode("pill"):
             meta = sample["json"]
@@ -187,7 +187,7 @@ def test_inspect_summarises_and_draws(prepared, tmp_path):
     h, w = picture.shape[:2]
     x0, y0, x1, y1 = finding["box"]
     edge = picture[int((y0 + y1) / 2 * h), int(round(x0 * w))]  # the left edge of the box, halfway down
-    assert tuple(edge) == label_colour(finding["label"])
+    assert tuple(edge) == label_colour(finding["label"], VINDR_CXR.local_labels)
 
 
 def test_max_pixels_drops_larger_dicoms_before_decoding_and_lists_them(synth_root, tmp_path):

@@ -316,15 +316,19 @@ def convert_dicom(path: Path | str, cfg: ConvertConfig = ConvertConfig()) -> Con
     )
 
 
-def convert_image_file(path: Path | str, max_side: int = 1024) -> ConvertedImage:
+def convert_image_file(path: Path | str, max_side: int = 1024, max_pixels: int = MAX_PIXELS) -> ConvertedImage:
     """A PNG/JPEG (or other Pillow-readable) image as 8-bit grayscale, resized like a DICOM.
 
     8-bit images are taken as already displayed (luma for colour, EXIF orientation applied); 16-bit and
-    float images are min/max scaled. `transfer_syntax` holds the Pillow format name (e.g. "PNG").
+    float images are min/max scaled. `transfer_syntax` holds the Pillow format name (e.g. "PNG"). An image
+    whose header claims more than `max_pixels` pixels is refused before it is decoded.
     """
     try:
         with Image.open(path) as opened:
             fmt = opened.format or ""
+            if opened.width * opened.height > max_pixels:
+                raise DicomError(f"{path}: {opened.width} x {opened.height} pixels, more than the limit of "
+                                 f"{max_pixels:,} (--max-pixels)")
             img = ImageOps.exif_transpose(opened)
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 arr = np.asarray(img).astype(np.float32)
@@ -335,6 +339,8 @@ def convert_image_file(path: Path | str, max_side: int = 1024) -> ConvertedImage
             else:
                 full = np.asarray(img.convert("L"))
                 bits, window = 8, {"source": "image_file", "center": None, "width": None}
+    except DicomError:
+        raise
     except Exception as exc:
         raise DicomError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
     return ConvertedImage(

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from litegpt.data.integrity import verify_shard_set
 from litegpt.data.shards import SPLITS, ShardError, iter_samples, read_manifest
-from litegpt.labels import ALL_LABELS, LOCAL_LABELS
+from litegpt.labels import Vocabulary
 
 # One distinct colour per local label (tab20-like palette, cycled), so a picture can be read without a legend.
 _PALETTE = [
@@ -19,20 +19,23 @@ _PALETTE = [
 ]
 
 
-def label_colour(label: str) -> tuple[int, int, int]:
-    index = LOCAL_LABELS.index(label) if label in LOCAL_LABELS else len(LOCAL_LABELS)
+def label_colour(label: str, local_labels: tuple[str, ...] = ()) -> tuple[int, int, int]:
+    """The colour of a label: by its index among `local_labels` (the vocabulary's), one colour for any other."""
+    index = local_labels.index(label) if label in local_labels else len(local_labels)
     return _PALETTE[index % len(_PALETTE)]
 
 
-def draw_boxes(image: Image.Image, boxes: list[tuple[str, list[float]]], colour=None, width: int | None = None) -> Image.Image:
-    """Draw labelled boxes given in normalised 0..1 coordinates on an RGB copy of `image`."""
+def draw_boxes(image: Image.Image, boxes: list[tuple[str, list[float]]], colour=None, width: int | None = None,
+               local_labels: tuple[str, ...] = ()) -> Image.Image:
+    """Draw labelled boxes given in normalised 0..1 coordinates on an RGB copy of `image`; without `colour`,
+    each label in its colour by its place in `local_labels`."""
     canvas = image.convert("RGB")
     draw = ImageDraw.Draw(canvas)
     w, h = canvas.size
     line = width or max(2, round(max(w, h) / 300))
     font = ImageFont.load_default(size=max(12, round(max(w, h) / 50)))
     for label, (x0, y0, x1, y1) in boxes:
-        rgb = colour or label_colour(label)
+        rgb = colour or label_colour(label, local_labels)
         rect = (x0 * w, y0 * h, x1 * w, y1 * h)
         draw.rectangle(rect, outline=rgb, width=line)
         text_box = draw.textbbox((rect[0], rect[1]), label, font=font)
@@ -45,23 +48,26 @@ def draw_boxes(image: Image.Image, boxes: list[tuple[str, list[float]]], colour=
 
 
 def summary(manifest: dict) -> str:
-    """The manifest as text: source, parameters, shards, and the per-label image/box table."""
+    """The manifest as text: source, vocabulary, parameters, shards, and the per-label image/box table."""
+    vocabulary = Vocabulary.of_manifest(manifest)
     lines = [
         f"format {manifest['format']}, litegpt {manifest['litegpt_version']}, layout {manifest['source']['layout']}",
-        "params: " + ", ".join(f"{k}={v}" for k, v in manifest["params"].items()),
+        f"labels: {vocabulary.describe()}",
+        "params: " + ", ".join(f"{k}={v}" for k, v in manifest["params"].items() if k not in ("vocabulary", "template")),
         f"shards: {len(manifest['shards'])}; dropped inputs: {len(manifest['dropped'])}",
     ]
     splits = [s for s in SPLITS if s in manifest["splits"]]
     for split in splits:
         stats = manifest["splits"][split]
         lines.append(f"{split}: {stats['samples']} images, {stats['images_with_findings']} with local findings")
-    header = f"{'label':<22}" + "".join(f"{s + ' img':>11}{s + ' box':>11}" for s in splits)
+    width = max(22, *(len(label) + 2 for label in vocabulary.all_labels))
+    header = f"{'label':<{width}}" + "".join(f"{s + ' img':>11}{s + ' box':>11}" for s in splits)
     lines += ["", header, "-" * len(header)]
-    for label in ALL_LABELS:
-        row = f"{label:<22}"
+    for label in vocabulary.all_labels:
+        row = f"{label:<{width}}"
         for split in splits:
             stats = manifest["splits"][split]
-            boxes = stats["boxes"].get(label, 0) if label in LOCAL_LABELS else "-"
+            boxes = stats["boxes"].get(label, 0) if label in vocabulary.local_labels else "-"
             row += f"{stats['images'].get(label, 0):>11}{boxes:>11}"
         lines.append(row)
     if manifest["dropped"]:
@@ -77,6 +83,7 @@ def summary(manifest: dict) -> str:
 
 def draw_samples(directory: Path, out: Path, count: int, split: str) -> list[Path]:
     """The first `count` samples of `split` that have findings (others if too few), boxes drawn."""
+    local_labels = Vocabulary.of_manifest(read_manifest(directory)).local_labels
     out.mkdir(parents=True, exist_ok=True)
     chosen, plain = [], []
     for sample in iter_samples(directory, split):
@@ -86,8 +93,10 @@ def draw_samples(directory: Path, out: Path, count: int, split: str) -> list[Pat
     written = []
     for sample in (chosen + plain)[:count]:
         meta = sample["json"]
-        picture = draw_boxes(sample["png"], [(f["label"], f["box"]) for f in meta["findings"]])
+        picture = draw_boxes(sample["png"], [(f["label"], f["box"]) for f in meta["findings"]],
+                             local_labels=local_labels)
         path = out / f"{meta['image_id']}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)  # csv/coco ids may have folders: "images/p001"
         picture.save(path)
         written.append(path)
     return written

@@ -98,18 +98,33 @@ def verify(directory: Path, records: Iterable[Mapping], repair: str) -> None:
 
 def prepare_command(directory: Path, manifest: Mapping) -> str:
     """The `litegpt prepare` run that wrote this set: run again, it rewrites exactly the shards whose sha256
-    no longer matches (prepare's resume) and keeps the others."""
+    no longer matches (prepare's resume) and keeps the others. A vocabulary not read from a --labels file
+    (given as lists, or inferred) is spelled out as --local-labels/--global-labels/--no-finding, which
+    rebuilds the same one."""
     source, params = manifest.get("source"), manifest.get("params")
     if not source or not params:
-        return f"litegpt prepare --root <VinDr-CXR root> --out {shlex.quote(str(directory))}"
-    flags = {"--root": source["root"], "--out": directory, "--layout": params["layout"],
-             "--max-side": params["max_side"], "--conversion": params["conversion"],
-             "--label-policy": params["label_policy"], "--iou-threshold": params["iou_threshold"],
-             "--box-merge": params["box_merge"], "--samples-per-shard": params["samples_per_shard"]}
-    if params["layout"] == "kaggle":
+        return f"litegpt prepare --root <dataset root> --out {shlex.quote(str(directory))}"
+    flags = {"--root": source["root"], "--out": directory}
+    if "format" in params:  # recorded only when not vindr
+        flags["--format"] = params["format"]
+    else:
+        flags["--layout"] = params["layout"]
+    flags.update({"--max-side": params["max_side"], "--conversion": params["conversion"],
+                  "--label-policy": params["label_policy"], "--iou-threshold": params["iou_threshold"],
+                  "--box-merge": params["box_merge"], "--samples-per-shard": params["samples_per_shard"]})
+    if params["layout"] != "physionet":
         flags["--holdout"] = params["holdout"]
     if "max_pixels" in params:  # recorded only when not the default
         flags["--max-pixels"] = params["max_pixels"]
+    if source.get("labels_file"):
+        flags["--labels"] = source["labels_file"]
+    elif "vocabulary" in params:  # recorded only when not VinDr-CXR's
+        vocabulary = params["vocabulary"]
+        flags["--local-labels"] = ",".join(vocabulary["local_labels"])
+        flags["--global-labels"] = ",".join(vocabulary["global_labels"][:-1])
+        flags["--no-finding"] = vocabulary["no_finding"]
+    if source.get("template_file"):
+        flags["--template"] = source["template_file"]
     return shlex.join(["litegpt", "prepare", *(str(x) for item in flags.items() for x in item)])
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from litegpt.boxes import Box, merge_overlapping
 from litegpt.data.sources import ImageRecord
-from litegpt.labels import GLOBAL_LABELS, LOCAL_LABELS, NO_FINDING
+from litegpt.labels import Vocabulary
 
 POLICIES = ("drop", "union", "majority")
 
@@ -34,8 +34,8 @@ class PolicyConfig:
 class Labels:
     """The labels of one image after the policy; boxes still in original pixels."""
 
-    findings: list[tuple[str, Box]]  # sorted by (label order, box)
-    diagnoses: list[str]  # global labels in GLOBAL_LABELS order; ["No finding"] when nothing at all
+    findings: list[tuple[str, Box]]  # sorted by (the vocabulary's label order, box)
+    diagnoses: list[str]  # global labels in the vocabulary's order; [no-finding label] when nothing at all
     n_raters: int
 
 
@@ -43,11 +43,12 @@ class Conflict(ValueError):
     """Raters disagree in a way the `drop` policy removes."""
 
 
-def apply_policy(record: ImageRecord, cfg: PolicyConfig) -> Labels:
-    """Combine the raters of `record`; raises Conflict when the `drop` policy removes the image."""
+def apply_policy(record: ImageRecord, cfg: PolicyConfig, vocabulary: Vocabulary) -> Labels:
+    """Combine the raters of `record` (labels of `vocabulary`); raises Conflict when the `drop` policy
+    removes the image."""
     raters = sorted({a.rater for a in record.annotations} | set(record.global_labels or {}))
     local = {r: {a.label for a in record.annotations if a.rater == r and a.box is not None} for r in raters}
-    diseases = {r: (record.global_labels or {}).get(r, set()) - {NO_FINDING} for r in raters}
+    diseases = {r: (record.global_labels or {}).get(r, set()) - {vocabulary.no_finding} for r in raters}
     says_nothing = [r for r in raters if not local[r] and not diseases[r]]
     says_something = [r for r in raters if local[r] or diseases[r]]
 
@@ -63,11 +64,11 @@ def apply_policy(record: ImageRecord, cfg: PolicyConfig) -> Labels:
         kept_global = set().union(*diseases.values()) if diseases else set()
     else:  # majority
         need = len(raters) // 2 + 1
-        kept_local = {lab for lab in LOCAL_LABELS if sum(lab in s for s in local.values()) >= need}
-        kept_global = {lab for lab in GLOBAL_LABELS if sum(lab in s for s in diseases.values()) >= need}
+        kept_local = {lab for lab in vocabulary.local_labels if sum(lab in s for s in local.values()) >= need}
+        kept_global = {lab for lab in vocabulary.diseases if sum(lab in s for s in diseases.values()) >= need}
 
     findings: list[tuple[str, Box]] = []
-    for label in LOCAL_LABELS:
+    for label in vocabulary.local_labels:
         if label not in kept_local:
             continue
         boxes = [a.box for a in record.annotations if a.label == label and a.box is not None]
@@ -75,7 +76,7 @@ def apply_policy(record: ImageRecord, cfg: PolicyConfig) -> Labels:
             findings.extend((label, b) for b in sorted(boxes))
         else:
             findings.extend((label, b) for b in merge_overlapping(boxes, cfg.iou_threshold, cfg.box_merge))
-    diagnoses = [g for g in GLOBAL_LABELS if g in kept_global]
+    diagnoses = [g for g in vocabulary.global_labels if g in kept_global]
     if not findings and not diagnoses:
-        diagnoses = [NO_FINDING]
+        diagnoses = [vocabulary.no_finding]
     return Labels(findings, diagnoses, len(raters))

@@ -1,7 +1,11 @@
-"""`litegpt prepare`: a VinDr-CXR root (PhysioNet or Kaggle layout) -> verified WebDataset shards.
+"""`litegpt prepare`: a dataset root -> verified WebDataset shards.
 
-Flow: read the CSVs (sources) -> combine raters (policy) -> cut the surviving images into shards in
-(split, image_id) order -> convert DICOMs in worker processes -> the main process writes each shard in
+Formats (`sources.read_dataset`): `vindr`, a VinDr-CXR root (PhysioNet or Kaggle layout) with VinDr-CXR's
+labels or its own label list; `csv`, the generic box CSV (`box_csv`); `coco`, COCO detection JSON (`coco`).
+The label vocabulary and the task template go into manifest.json, where everything downstream reads them.
+
+Flow: read the annotations (sources) -> combine raters (policy) -> cut the surviving images into shards in
+(split, image_id) order -> convert DICOMs and PNG/JPEGs in worker processes -> the main process writes each shard in
 order (so the bytes never depend on the worker count) -> manifest.json last. A shard's record is kept in
 `.partial/` as soon as it is written, so a re-run with the same inputs and parameters resumes, and one
 over a complete, verified set changes nothing. Over a complete set made with other parameters (or from
@@ -25,10 +29,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
+import yaml
 from tqdm import tqdm
 
 from litegpt import __version__
-from litegpt.data.dicom import MAX_PIXELS, ConvertConfig, DicomError, convert_dicom
+from litegpt.data.dicom import MAX_PIXELS, ConvertConfig, DicomError, convert_dicom, convert_image_file
 from litegpt.data.policy import Conflict, Labels, PolicyConfig, apply_policy
 from litegpt.data.shards import (
     FORMAT,
@@ -44,9 +49,10 @@ from litegpt.data.shards import (
     shard_name,
     write_shard,
 )
-from litegpt.data.sources import DatasetError, ImageRecord, Problem, detect_layout, read_dataset
+from litegpt.data.sources import FORMATS, DatasetError, ImageRecord, Problem, detect_layout, read_dataset
 from litegpt.files import sha256_file
-from litegpt.labels import ALL_LABELS
+from litegpt.grammar import PAPER_TEMPLATE, Grammar, TaskTemplate
+from litegpt.labels import DEFAULT_NO_FINDING, VINDR_CXR, Vocabulary, VocabularyError
 
 BOX_TOLERANCE_PX = 1.0  # boxes may overrun the image by rounding; more than this is an annotation error
 
@@ -64,9 +70,17 @@ class PrepareConfig:
     workers: int = os.cpu_count() or 1
     max_bad: int | None = None
     overwrite: bool = False  # replace a complete set made with other parameters
+    format: str = "vindr"
+    vocabulary: Vocabulary | None = None  # None: VinDr-CXR's for vindr, inferred from the data for csv/coco
+    no_finding: str | None = None  # the no-finding label of an inferred vocabulary (default "No finding")
+    template: TaskTemplate = PAPER_TEMPLATE
+    labels_file: Path | None = None  # where `vocabulary` and `template` came from, for the rebuild hint
+    template_file: Path | None = None
 
     def params(self) -> dict:
-        """Everything that changes the shards' bytes (not root/out/workers/max_bad/overwrite)."""
+        """Everything that changes the shards' bytes or their text (not root/out/workers/max_bad/overwrite).
+        Format, vocabulary and template only when not VinDr-CXR's defaults, so VinDr sets keep their params."""
+        vocabulary = self.vocabulary or VINDR_CXR
         return {
             "layout": self.layout, "holdout": self.holdout, "max_side": self.convert.max_side,
             "conversion": self.convert.method, "label_policy": self.policy.policy,
@@ -74,6 +88,9 @@ class PrepareConfig:
             "samples_per_shard": self.samples_per_shard, "png_compress_level": self.png_compress_level,
             # only when set: sets prepared before the limit existed stay valid (the default admits every VinDr image)
             **({"max_pixels": self.convert.max_pixels} if self.convert.max_pixels != MAX_PIXELS else {}),
+            **({"format": self.format} if self.format != "vindr" else {}),
+            **({"vocabulary": vocabulary.to_dict()} if vocabulary != VINDR_CXR else {}),
+            **({"template": self.template.to_dict()} if self.template != PAPER_TEMPLATE else {}),
         }
 
 
@@ -97,16 +114,23 @@ class Result:
 # ---------------------------------------------------------------- worker side
 
 def convert_image(job: ImageJob, cfg: PrepareConfig) -> Result:
-    """Decode and convert one DICOM and normalise its boxes; never raises for a bad file."""
+    """Decode and convert one DICOM (.dcm/.dicom) or PNG/JPEG and normalise its boxes; never raises for a
+    bad file. PNG/JPEGs are read as `predict` reads them (`convert_image_file`) and resized alike."""
+    path = Path(job.path)
+    dicom = path.suffix.lower() in (".dcm", ".dicom")
+    kind = "bad_dicom" if dicom else "bad_image"
     try:
         with warnings.catch_warnings():  # pydicom warns about damaged files; the manifest records them instead
             warnings.simplefilter("ignore")
-            image = convert_dicom(Path(job.path), cfg.convert)
+            if dicom:
+                image = convert_dicom(path, cfg.convert)
+            else:
+                image = convert_image_file(path, cfg.convert.max_side, cfg.convert.max_pixels)
     except DicomError as exc:
-        return Result(job.image_id, None, Problem(job.image_id, job.split, "bad_dicom", str(exc)))
+        return Result(job.image_id, None, Problem(job.image_id, job.split, kind, str(exc)))
     except Exception as exc:  # noqa: BLE001 - one odd file among 18,000 must not end the run
         reason = f"{job.path}: unexpected {type(exc).__name__} while converting: {exc}"
-        return Result(job.image_id, None, Problem(job.image_id, job.split, "bad_dicom", reason))
+        return Result(job.image_id, None, Problem(job.image_id, job.split, kind, reason))
     findings = []
     for label, (x0, y0, x1, y1) in job.labels.findings:
         if x1 > image.cols + BOX_TOLERANCE_PX or y1 > image.rows + BOX_TOLERANCE_PX:
@@ -133,11 +157,12 @@ def convert_image(job: ImageJob, cfg: PrepareConfig) -> Result:
 # ---------------------------------------------------------------- main side
 
 def plan(records: list[ImageRecord], cfg: PrepareConfig) -> tuple[list[ImageJob], list[Problem]]:
-    """Apply the label policy; returns the images to convert and those the policy drops."""
+    """Apply the label policy (labels of `cfg.vocabulary`); returns the images to convert and those the
+    policy drops."""
     jobs, dropped = [], []
     for record in records:
         try:
-            labels = apply_policy(record, cfg.policy)
+            labels = apply_policy(record, cfg.policy, cfg.vocabulary or VINDR_CXR)
         except Conflict as exc:
             dropped.append(Problem(record.image_id, record.split, "label_policy", f"{record.annotations[0].file}: {exc}"))
             continue
@@ -232,10 +257,14 @@ def refuse_replacing(old: dict | None, cfg: PrepareConfig, fingerprint: str) -> 
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Build (or finish) the shard set; returns the manifest."""
-    if cfg.layout == "auto":
+    if cfg.format == "vindr" and cfg.layout == "auto":
         cfg = replace(cfg, layout=detect_layout(cfg.root))
     old = existing_set(cfg)
-    records, problems = read_dataset(cfg.root, cfg.layout, cfg.holdout)
+    records, problems, vocabulary = read_dataset(cfg.root, cfg.format, layout=cfg.layout, holdout=cfg.holdout,
+                                                 vocabulary=cfg.vocabulary, no_finding=cfg.no_finding)
+    if cfg.format != "vindr":  # csv and coco have one layout each, named after the format
+        cfg = replace(cfg, layout=cfg.format)
+    cfg = replace(cfg, vocabulary=vocabulary)
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # decoder tracebacks for files we skip and list anyway
     jobs, policy_drops = plan(records, cfg)
     fingerprint = inputs_fingerprint(jobs, cfg)
@@ -298,7 +327,9 @@ def _write_shards(todo: list[tuple[str, list[ImageJob]]], cfg: PrepareConfig, wr
 
 
 def build_manifest(cfg: PrepareConfig, fingerprint: str, shards: list[dict], dropped: list[Problem]) -> dict:
-    """Counts are recomputed from the written shards' JSON, not from the plan, so they describe the files."""
+    """Counts are recomputed from the written shards' JSON, not from the plan, so they describe the files;
+    per-label tables in the vocabulary's order."""
+    vocabulary = cfg.vocabulary or VINDR_CXR
     splits: dict[str, dict] = {}
     for split in SPLITS:
         stats = {"samples": 0, "images_with_findings": 0, "images": {}, "boxes": {}}
@@ -311,19 +342,22 @@ def build_manifest(cfg: PrepareConfig, fingerprint: str, shards: list[dict], dro
                     stats["images"][label] = stats["images"].get(label, 0) + 1
                 for f in meta["findings"]:
                     stats["boxes"][f["label"]] = stats["boxes"].get(f["label"], 0) + 1
-        stats["images"] = {k: stats["images"][k] for k in ALL_LABELS if k in stats["images"]}
-        stats["boxes"] = {k: stats["boxes"][k] for k in ALL_LABELS if k in stats["boxes"]}
+        stats["images"] = {k: stats["images"][k] for k in vocabulary.all_labels if k in stats["images"]}
+        stats["boxes"] = {k: stats["boxes"][k] for k in vocabulary.all_labels if k in stats["boxes"]}
         splits[split] = stats
     all_dropped = sorted((p.as_dict() for p in dropped), key=lambda d: (d["split"], d["image_id"]))
     all_dropped += [d for s in shards for d in s.get("dropped", [])]
     return {
         "format": FORMAT,
         "litegpt_version": __version__,
-        "source": {"root": str(cfg.root), "layout": cfg.layout,
-                   "holdout": cfg.holdout if cfg.layout == "kaggle" else None,
-                   "global_labels": cfg.layout == "physionet"},
+        "source": {"root": str(cfg.root), "format": cfg.format, "layout": cfg.layout,
+                   "holdout": cfg.holdout if cfg.layout != "physionet" else None,
+                   "global_labels": cfg.layout == "physionet" or (cfg.format == "csv" and bool(vocabulary.diseases)),
+                   "labels_file": None if cfg.labels_file is None else str(cfg.labels_file),
+                   "template_file": None if cfg.template_file is None else str(cfg.template_file)},
         "params": cfg.params(),
         "inputs_sha256": fingerprint,
+        **Grammar(vocabulary, cfg.template).to_dict(),
         "splits": splits,
         "shards": [{k: s[k] for k in ("name", "split", "samples", "sha256")} for s in shards],
         "dropped": sorted(all_dropped, key=lambda d: (d["split"], d["image_id"])),
@@ -333,14 +367,34 @@ def build_manifest(cfg: PrepareConfig, fingerprint: str, shards: list[dict], dro
 # ---------------------------------------------------------------- command line
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", type=Path, required=True, help="VinDr-CXR root (PhysioNet or Kaggle layout)")
+    parser.add_argument("--root", type=Path, required=True, help="dataset root (see --format)")
     parser.add_argument("--out", type=Path, required=True, help="output directory, e.g. shards/vindr")
-    parser.add_argument("--layout", choices=("auto", "physionet", "kaggle"), default="auto")
+    parser.add_argument("--format", choices=FORMATS, default="vindr",
+                        help="vindr: a VinDr-CXR root (PhysioNet or Kaggle layout, default); csv: <root>/annotations.csv "
+                             "(image, label, x_min, y_min, x_max, y_max[, rater][, split]); coco: "
+                             "<root>/annotations/instances_{train,test}.json with the images in <root>/images")
+    parser.add_argument("--layout", choices=("auto", "physionet", "kaggle"), default="auto",
+                        help="vindr format only (default auto: detected)")
     parser.add_argument("--holdout", type=float, default=0.1,
-                        help="Kaggle layout only: fraction of image ids held out as the test split (default 0.1)")
+                        help="fraction of image ids held out as the test split where the data names none: Kaggle "
+                             "layout, csv without a split column, coco with only a train file (default 0.1)")
+    labels = parser.add_argument_group("labels (default: VinDr-CXR's for vindr, inferred from the data for csv/coco)")
+    labels.add_argument("--labels", type=Path, default=None, metavar="FILE.yaml",
+                        help="the label vocabulary: name, local_labels, global_labels, no_finding, aliases")
+    labels.add_argument("--local-labels", default=None, metavar="A,B,...",
+                        help="the local labels (with boxes), comma-separated, in rendering order (instead of --labels)")
+    labels.add_argument("--global-labels", default=None, metavar="C,D,...",
+                        help="the global labels (image level, no box), comma-separated; with --local-labels")
+    labels.add_argument("--no-finding", default=None, metavar="NAME",
+                        help=f"the label of an image with no finding (default {DEFAULT_NO_FINDING!r}; with "
+                             "--labels set no_finding in the file)")
+    parser.add_argument("--template", type=Path, default=None, metavar="FILE.yaml",
+                        help="the task template's sentences (some of: identify, vqa, local_prefix, global_prefix, "
+                             "no_findings_prefix, no_findings, no_diagnosis); default the paper's")
     parser.add_argument("--max-side", type=int, default=1024, help="longer image side in the shards (default 1024)")
     parser.add_argument("--conversion", choices=("lut", "paper"), default="lut",
-                        help="lut: modality/VOI LUT as a viewer shows it (default); paper: appendix A.1 windowing")
+                        help="DICOM only. lut: modality/VOI LUT as a viewer shows it (default); paper: appendix A.1 "
+                             "windowing")
     parser.add_argument("--label-policy", choices=("drop", "union", "majority"), default="drop",
                         help="how to combine raters (default drop: remove images where raters conflict, paper 4.2)")
     parser.add_argument("--box-merge", choices=("medoid", "mean"), default="medoid",
@@ -351,10 +405,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bad", type=int, default=None,
                         help="fail when more than this many inputs are unusable (default: no limit; all are listed)")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
-                        help=f"refuse a DICOM whose header claims more pixel values, before decoding it (default "
+                        help=f"refuse an image whose header claims more pixel values, before decoding it (default "
                              f"{MAX_PIXELS:,} = 8192 x 8192)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a complete shard set in --out made with other parameters (refused without)")
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def vocabulary_of(args: argparse.Namespace) -> Vocabulary | None:
+    """The vocabulary the command line gives (None: the format's default); VocabularyError for a bad one.
+    One built from --local-labels/--global-labels is named after the root folder."""
+    if args.labels is not None:
+        if args.local_labels is not None or args.global_labels is not None or args.no_finding is not None:
+            raise VocabularyError("--labels gives the whole vocabulary; --local-labels, --global-labels and "
+                                  "--no-finding go into that file instead")
+        return Vocabulary.from_yaml(args.labels)
+    if args.local_labels is None:
+        if args.global_labels is not None:
+            raise VocabularyError("--global-labels needs --local-labels")
+        return None
+    return Vocabulary.build(args.root.resolve().name or "dataset", _names(args.local_labels),
+                            _names(args.global_labels or ""), args.no_finding or DEFAULT_NO_FINDING)
+
+
+def template_of(path: Path | None) -> TaskTemplate:
+    if path is None:
+        return PAPER_TEMPLATE
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise VocabularyError(f"{path}: cannot read the template ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise VocabularyError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    return TaskTemplate.from_dict(data, str(path))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -362,12 +448,25 @@ def run(args: argparse.Namespace) -> int:
         print("litegpt prepare: --samples-per-shard, --workers and --max-pixels must be >= 1, --max-side >= 8",
               file=sys.stderr)
         return 2
+    if args.format != "vindr" and args.layout != "auto":
+        print(f"litegpt prepare: --layout is for --format vindr, not {args.format}", file=sys.stderr)
+        return 2
+    if args.format == "vindr" and args.no_finding is not None and args.local_labels is None:
+        print("litegpt prepare: --no-finding with --format vindr needs --local-labels (or set it in --labels)",
+              file=sys.stderr)
+        return 2
+    try:
+        vocabulary, template = vocabulary_of(args), template_of(args.template)
+    except VocabularyError as exc:
+        print(f"litegpt prepare: {exc}", file=sys.stderr)
+        return 2
     cfg = PrepareConfig(
         root=args.root, out=args.out, layout=args.layout, holdout=args.holdout,
         convert=ConvertConfig(max_side=args.max_side, method=args.conversion, max_pixels=args.max_pixels),
         policy=PolicyConfig(args.label_policy, args.iou_threshold, args.box_merge),
         samples_per_shard=args.samples_per_shard, workers=args.workers, max_bad=args.max_bad,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, format=args.format, vocabulary=vocabulary, no_finding=args.no_finding,
+        template=template, labels_file=args.labels, template_file=args.template,
     )
     try:
         manifest = prepare(cfg)

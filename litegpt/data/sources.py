@@ -1,4 +1,6 @@
-"""Readers for the two VinDr-CXR releases: PhysioNet (DICOM + four CSVs) and Kaggle VinBigData (train.csv).
+"""Dataset readers: the record types every reader returns, the format dispatch, and the VinDr family's two
+layouts: PhysioNet (DICOM + four CSVs) and Kaggle VinBigData (train.csv). The generic box CSV and COCO
+readers live in `box_csv` and `coco`.
 
 A reader turns a dataset root into `ImageRecord`s (one per image, every rater's annotations attached,
 coordinates still in original pixels) and a list of `Problem`s for what it could not use. It validates
@@ -14,11 +16,14 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
-from litegpt.labels import GLOBAL_LABELS, KAGGLE_CLASSES, LOCAL_LABELS, NO_FINDING, UnknownLabel, canonical_label
+from litegpt.labels import KAGGLE_CLASSES, VINDR_CXR, UnknownLabel, Vocabulary
 
+FORMATS = ("vindr", "csv", "coco")
+IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")  # what prepare converts (DICOM or Pillow)
 BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
 CONSENSUS = "consensus"  # rater name used where a CSV gives consensus labels with no rater column
 # Label flags: VinDr writes 0/1 (0.0/1.0 after a spreadsheet round trip); these words (any case) are read
@@ -27,18 +32,18 @@ FLAG_WORDS = {"true": True, "false": False, "yes": True, "no": False}
 
 
 class DatasetError(ValueError):
-    """The dataset root or one of its CSVs cannot be used at all (missing file, missing column)."""
+    """The dataset root or one of its annotation files cannot be used at all (missing file, missing column)."""
 
 
 @dataclass(frozen=True)
 class Annotation:
-    """One CSV row: a box of a local label by one rater, or a rater's `No finding` (box None)."""
+    """One annotation: a box of a local label by one rater, or a rater's no-finding label (box None)."""
 
     rater: str
     label: str
     box: tuple[float, float, float, float] | None
     file: str
-    row: int  # 1-based line number in the CSV (header is line 1)
+    row: int  # CSV: 1-based line number (header is line 1); COCO: the annotation's id
 
 
 @dataclass
@@ -61,7 +66,7 @@ class Problem:
 
     image_id: str
     split: str
-    kind: str  # missing_file | bad_annotation | bad_dicom | label_policy | duplicate_row
+    kind: str  # missing_file | bad_annotation | bad_dicom | bad_image | label_policy | duplicate_row
     reason: str
 
     def as_dict(self) -> dict:
@@ -79,20 +84,104 @@ def detect_layout(root: Path) -> str:
     )
 
 
-def read_dataset(root: Path, layout: str = "auto", holdout: float = 0.1) -> tuple[list[ImageRecord], list[Problem]]:
-    """All images of a VinDr-CXR root, sorted by (split, image_id), and the problems met while reading."""
+class Dataset(NamedTuple):
+    """What a reader found: the usable images sorted by (split, image_id), the problems, and the vocabulary
+    (the one given, or for csv/coco without one, the one inferred from the annotations)."""
+
+    records: list[ImageRecord]
+    problems: list[Problem]
+    vocabulary: Vocabulary
+
+
+def read_dataset(root: Path, fmt: str = "vindr", *, layout: str = "auto", holdout: float = 0.1,
+                 vocabulary: Vocabulary | None = None, no_finding: str | None = None) -> Dataset:
+    """All images of a dataset root in format `fmt` (vindr: `layout` auto, physionet or kaggle).
+
+    `vocabulary` None means VinDr-CXR's for vindr and the one inferred from the annotations for csv/coco
+    (its no-finding label `no_finding`, default "No finding"); with a vocabulary, `no_finding` is unused.
+    """
+    from litegpt.data import box_csv, coco  # they build on this module's record types
+
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset root does not exist")
-    layout = detect_layout(root) if layout == "auto" else layout
-    if layout == "physionet":
-        records, problems = _read_physionet(root)
-    elif layout == "kaggle":
-        records, problems = _read_kaggle(root, holdout)
+    if fmt == "vindr":
+        layout = detect_layout(root) if layout == "auto" else layout
+        vocabulary = vocabulary or VINDR_CXR
+        if layout == "physionet":
+            records, problems = _read_physionet(root, vocabulary)
+        elif layout == "kaggle":
+            records, problems = _read_kaggle(root, check_holdout(holdout), vocabulary)
+        else:
+            raise DatasetError(f"unknown layout {layout!r}; expected auto, physionet or kaggle")
+    elif fmt in ("csv", "coco"):
+        if layout not in ("auto", fmt):
+            raise DatasetError(f"--layout {layout} is a layout of the vindr format, not of {fmt}")
+        reader = box_csv.read_box_csv if fmt == "csv" else coco.read_coco
+        records, problems, vocabulary = reader(root, check_holdout(holdout), vocabulary, no_finding)
     else:
-        raise DatasetError(f"unknown layout {layout!r}; expected auto, physionet or kaggle")
+        raise DatasetError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     records.sort(key=lambda r: (r.split, r.image_id))
+    return Dataset(records, problems, vocabulary)
+
+
+@dataclass
+class ImageEntry:
+    """An image as a csv/coco annotation file describes it, before its file is looked for."""
+
+    image_id: str
+    split: str
+    path: Path
+    file: str  # the annotation file that names it
+    annotations: list[Annotation] = field(default_factory=list)
+    global_labels: dict[str, set[str]] = field(default_factory=dict)
+    consensus: bool = True
+    bad: str | None = None  # the first reason it cannot be used
+    repeats: list[str] = field(default_factory=list)
+
+
+def image_id_of(relative: str) -> str:
+    """The id of an image file given relative to its folder: the path without suffix, "/" kept."""
+    return Path(relative).with_suffix("").as_posix()
+
+
+def relative_image(value: str, where: str) -> Path:
+    """An image path cell (relative, one of IMAGE_SUFFIXES); DatasetError naming `where` otherwise."""
+    path = Path(value)
+    if not value or path.is_absolute() or ".." in path.parts or path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise DatasetError(f"{where}: image {value!r} is not a relative path to a {'/'.join(IMAGE_SUFFIXES)} file")
+    return path
+
+
+def assemble(entries: list[ImageEntry], base: Path, named_in: str, holdout: float
+             ) -> tuple[list[ImageRecord], list[Problem]]:
+    """Records of the entries whose file exists and whose annotations are usable; problems for the rest,
+    for repeated rows, and for image files (ids relative to `base`) in the entries' folders that no
+    annotation file (`named_in`) names."""
+    records: list[ImageRecord] = []
+    problems: list[Problem] = []
+    for e in entries:
+        if not e.path.is_file():
+            problems.append(Problem(e.image_id, e.split, "missing_file",
+                                    f"{e.file} names image {e.image_id} but {e.path} does not exist"))
+        elif e.bad is not None:
+            problems.append(Problem(e.image_id, e.split, "bad_annotation", e.bad))
+        else:
+            records.append(ImageRecord(e.image_id, e.split, e.path, e.annotations, e.global_labels, e.consensus))
+            problems += repeat_problem(e.image_id, e.split, e.file, {e.image_id: e.repeats} if e.repeats else {})
+    named = {e.path for e in entries}
+    for folder in sorted({e.path.parent for e in entries if e.path.parent.is_dir()}):
+        for orphan in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p not in named):
+            image_id = image_id_of(orphan.relative_to(base).as_posix())
+            problems.append(Problem(image_id, holdout_split(image_id, holdout), "bad_annotation",
+                                    f"{orphan} has no annotation in {named_in}"))
     return records, problems
+
+
+def check_holdout(holdout: float) -> float:
+    if not 0.0 < holdout < 1.0:
+        raise DatasetError(f"--holdout must be a fraction between 0 and 1, got {holdout}")
+    return holdout
 
 
 def holdout_split(image_id: str, fraction: float) -> str:
@@ -101,7 +190,7 @@ def holdout_split(image_id: str, fraction: float) -> str:
     return "test" if digest / 2**64 < fraction else "train"
 
 
-def _read_csv(path: Path, required: tuple[str, ...], as_text: bool = False) -> pd.DataFrame:
+def read_csv(path: Path, required: tuple[str, ...], as_text: bool = False) -> pd.DataFrame:
     """The CSV with its columns checked; `as_text` keeps every cell as written (empty cells are NaN)."""
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
@@ -120,7 +209,8 @@ def _read_csv(path: Path, required: tuple[str, ...], as_text: bool = False) -> p
 
 
 def _parse_box_rows(
-    frame: pd.DataFrame, path: Path, default_rater: str | None, class_names: dict[int, str] | None = None
+    frame: pd.DataFrame, path: Path, default_rater: str | None, vocabulary: Vocabulary,
+    class_names: dict[int, str] | None = None,
 ) -> tuple[dict[str, list[Annotation]], dict[str, str], dict[str, list[str]]]:
     """Annotations per image id; per image id the first reason it cannot be used (bad rows); per image id
     the rows that repeat an earlier row's rater, label and box (left out)."""
@@ -134,16 +224,16 @@ def _parse_box_rows(
         where = f"{path.name} row {line}"
         rater = str(row.rad_id).strip() if has_rater and not _isnan(row.rad_id) else (default_rater or CONSENSUS)
         try:
-            label = canonical_label(row.class_name)
+            label = vocabulary.canonical(row.class_name)
             if class_names is not None and int(row.class_id) in class_names and class_names[int(row.class_id)] != label:
                 raise ValueError(f"class_id {row.class_id} is {class_names[int(row.class_id)]!r}, not {label!r}")
             coords = [getattr(row, c) for c in BOX_COLUMNS]
-            if label == NO_FINDING:
+            if label == vocabulary.no_finding:
                 box = None
-            elif label not in LOCAL_LABELS:
+            elif label not in vocabulary.local_labels:
                 raise ValueError(f"{label!r} is a global label, it cannot have a box")
             else:
-                box = _valid_box(coords)
+                box = valid_box(coords)
         except (UnknownLabel, ValueError, TypeError) as exc:
             bad.setdefault(image_id, f"{where}: {exc}")
             continue
@@ -156,7 +246,7 @@ def _parse_box_rows(
 
 
 def _parse_label_rows(
-    frame: pd.DataFrame, path: Path, consensus: bool
+    frame: pd.DataFrame, path: Path, consensus: bool, vocabulary: Vocabulary
 ) -> tuple[dict[str, dict[str, set[str]]], dict[str, str], dict[str, list[str]]]:
     """Per image id and rater the global labels flagged 1; per image id the first bad row; per image id the
     rows that exactly repeat an earlier row of the same rater. Two different rows of one rater are bad."""
@@ -171,7 +261,7 @@ def _parse_label_rows(
         rater = str(values["rad_id"]).strip() if has_rater else CONSENSUS
         where = f"{path.name} row {line}"
         try:
-            chosen = {g for g in GLOBAL_LABELS if _flag(values[g], g)}
+            chosen = {g for g in vocabulary.global_labels if _flag(values[g], g)}
         except ValueError as exc:
             bad.setdefault(image_id, f"{where}: {exc}")
             continue
@@ -187,7 +277,7 @@ def _parse_label_rows(
     return by_image, bad, repeats
 
 
-def _repeat_problem(image_id: str, split: str, file: str, repeats: dict[str, list[str]]) -> list[Problem]:
+def repeat_problem(image_id: str, split: str, file: str, repeats: dict[str, list[str]]) -> list[Problem]:
     """The `duplicate_row` problem of one image in one CSV, if it has repeated rows."""
     if image_id not in repeats:
         return []
@@ -195,7 +285,7 @@ def _repeat_problem(image_id: str, split: str, file: str, repeats: dict[str, lis
                                                       "each repeated row is used once")]
 
 
-def _valid_box(coords: list) -> tuple[float, float, float, float]:
+def valid_box(coords: list) -> tuple[float, float, float, float]:
     values = [float(v) for v in coords]
     if any(math.isnan(v) or math.isinf(v) for v in values):
         raise ValueError(f"box {coords} has missing coordinates")
@@ -211,17 +301,18 @@ def _isnan(value) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def _read_physionet(root: Path) -> tuple[list[ImageRecord], list[Problem]]:
+def _read_physionet(root: Path, vocabulary: Vocabulary) -> tuple[list[ImageRecord], list[Problem]]:
+    """PhysioNet layout: one image_labels column per label of `vocabulary` (any spelling it accepts)."""
     ann_dir = root / "annotations"
     records: list[ImageRecord] = []
     problems: list[Problem] = []
-    label_columns = LOCAL_LABELS + GLOBAL_LABELS
+    label_columns = vocabulary.all_labels
     frames = {}
     # Validate all four CSVs before any work, so a wrong file stops the run with the column named.
     for split in ("train", "test"):
-        boxes = _read_csv(ann_dir / f"annotations_{split}.csv", ("image_id", "class_name") + BOX_COLUMNS)
-        labels = _read_csv(ann_dir / f"image_labels_{split}.csv", ("image_id",), as_text=True)
-        labels = labels.rename(columns={c: canonical_label(c) for c in labels.columns if _is_label(c)})
+        boxes = read_csv(ann_dir / f"annotations_{split}.csv", ("image_id", "class_name") + BOX_COLUMNS)
+        labels = read_csv(ann_dir / f"image_labels_{split}.csv", ("image_id",), as_text=True)
+        labels = labels.rename(columns={c: vocabulary.canonical(c) for c in labels.columns if _is_label(c, vocabulary)})
         missing = [c for c in label_columns if c not in labels.columns]
         if missing:
             raise DatasetError(f"{ann_dir / f'image_labels_{split}.csv'}: missing required column(s) {', '.join(missing)}")
@@ -229,8 +320,8 @@ def _read_physionet(root: Path) -> tuple[list[ImageRecord], list[Problem]]:
     for split, (boxes, labels) in frames.items():
         box_path, label_path = ann_dir / f"annotations_{split}.csv", ann_dir / f"image_labels_{split}.csv"
         consensus = split == "test"
-        by_image, bad, box_repeats = _parse_box_rows(boxes, box_path, CONSENSUS if consensus else None)
-        global_by_image, bad_labels, label_repeats = _parse_label_rows(labels, label_path, consensus)
+        by_image, bad, box_repeats = _parse_box_rows(boxes, box_path, CONSENSUS if consensus else None, vocabulary)
+        global_by_image, bad_labels, label_repeats = _parse_label_rows(labels, label_path, consensus, vocabulary)
         for image_id, reason in bad_labels.items():
             bad.setdefault(image_id, reason)
         ids = sorted(set(by_image) | set(bad) | set(global_by_image))
@@ -248,17 +339,17 @@ def _read_physionet(root: Path) -> tuple[list[ImageRecord], list[Problem]]:
             else:
                 records.append(ImageRecord(image_id, split, path, by_image[image_id],
                                            global_by_image.get(image_id, {}), consensus))
-                problems += _repeat_problem(image_id, split, box_path.name, box_repeats)
-                problems += _repeat_problem(image_id, split, label_path.name, label_repeats)
+                problems += repeat_problem(image_id, split, box_path.name, box_repeats)
+                problems += repeat_problem(image_id, split, label_path.name, label_repeats)
         for orphan in sorted(set(files) - set(ids)):
             problems.append(Problem(orphan, split, "bad_annotation",
                                     f"{split}/{orphan}.dicom has no row in {box_path.name}"))
     return records, problems
 
 
-def _is_label(column: str) -> bool:
+def _is_label(column: str, vocabulary: Vocabulary) -> bool:
     try:
-        canonical_label(column)
+        vocabulary.canonical(column)
         return True
     except UnknownLabel:
         return False
@@ -280,12 +371,13 @@ def _flag(value: object, column: str) -> bool:
                      f"(expected 0 or 1, 0.0 or 1.0, true/false or yes/no)")
 
 
-def _read_kaggle(root: Path, holdout: float) -> tuple[list[ImageRecord], list[Problem]]:
-    if not 0.0 < holdout < 1.0:
-        raise DatasetError(f"--holdout must be a fraction between 0 and 1, got {holdout}")
+def _read_kaggle(root: Path, holdout: float, vocabulary: Vocabulary) -> tuple[list[ImageRecord], list[Problem]]:
+    """Kaggle layout. Each row's class_id must agree with its class_name only for VinDr-CXR's own vocabulary
+    (Kaggle's ids, `KAGGLE_CLASSES`); with another vocabulary class_id is required but not checked."""
     path = root / "train.csv"
-    frame = _read_csv(path, ("image_id", "class_name", "class_id", "rad_id") + BOX_COLUMNS)
-    by_image, bad, repeats = _parse_box_rows(frame, path, None, dict(enumerate(KAGGLE_CLASSES)))
+    frame = read_csv(path, ("image_id", "class_name", "class_id", "rad_id") + BOX_COLUMNS)
+    class_names = dict(enumerate(KAGGLE_CLASSES)) if vocabulary == VINDR_CXR else None
+    by_image, bad, repeats = _parse_box_rows(frame, path, None, vocabulary, class_names)
     files = {p.stem: p for p in (root / "train").glob("*.dicom")} if (root / "train").is_dir() else {}
     records: list[ImageRecord] = []
     problems: list[Problem] = []
@@ -298,7 +390,7 @@ def _read_kaggle(root: Path, holdout: float) -> tuple[list[ImageRecord], list[Pr
             problems.append(Problem(image_id, split, "bad_annotation", bad[image_id]))
         else:
             records.append(ImageRecord(image_id, split, files[image_id], by_image[image_id], None, False))
-            problems += _repeat_problem(image_id, split, path.name, repeats)
+            problems += repeat_problem(image_id, split, path.name, repeats)
     for orphan in sorted(set(files) - set(by_image) - set(bad)):
         problems.append(Problem(orphan, holdout_split(orphan, holdout), "bad_annotation",
                                 f"train/{orphan}.dicom has no row in {path.name}"))

@@ -14,7 +14,11 @@ from sklearn.metrics import classification_report
 
 from litegpt.eval import metrics, reference_text
 from litegpt.eval.metrics import Prediction, compute_metrics
-from litegpt.labels import GLOBAL_LABELS, LOCAL_LABELS
+from litegpt.grammar import Grammar
+from litegpt.labels import VINDR_CXR, Vocabulary
+
+VINDR = Grammar(VINDR_CXR)
+LOCAL_LABELS, GLOBAL_LABELS = VINDR_CXR.local_labels, VINDR_CXR.global_labels
 
 L = "Local diseases of this chest radiograph are"
 G = "Global diseases of this chest radiograph are"
@@ -67,7 +71,7 @@ def sklearn_report(truth, predicted, names) -> dict:
 
 @pytest.fixture(scope="module")
 def classified() -> dict:
-    return compute_metrics(CLASSIFICATION_RECORDS)
+    return compute_metrics(CLASSIFICATION_RECORDS, VINDR)
 
 
 def test_local_labels_reference_takes_substrings_strict_takes_words(classified):
@@ -111,10 +115,117 @@ def test_prediction_json_roundtrip_and_refusals(tmp_path):
         Prediction.from_json(line[:-1] + ', "extra": 1}')
     with pytest.raises(ValueError, match="unknown task"):
         record("x", "caption", "")
-    with pytest.raises(ValueError, match="not a local label"):
-        record("x", "identify", "", findings=[("COPD", (1, 1, 2, 2))])
+    with pytest.raises(ValueError, match="not 4 finite numbers"):
+        record("x", "identify", "", findings=[("ILD", (1, 1, 2, math.inf))])
     with pytest.raises(ValueError, match="two 'vqa' records"):
-        compute_metrics([CLASSIFICATION_RECORDS[1], CLASSIFICATION_RECORDS[1]])
+        compute_metrics([CLASSIFICATION_RECORDS[1], CLASSIFICATION_RECORDS[1]], VINDR)
+
+
+def test_ground_truth_labels_are_the_vocabularys(tmp_path):
+    """Records are read without a vocabulary (any names); compute_metrics spells them as the grammar's
+    vocabulary does, and refuses a name it does not have, or one of the other kind, naming image and label."""
+    spelled = record("x", "vqa", "", findings=[("cardiomegaly", (1, 1, 2, 2))], diagnoses=["other  DISEASES"])
+    path = tmp_path / "predictions.jsonl"
+    metrics.write_predictions(path, [spelled])
+    assert metrics.read_predictions(path) == [spelled]  # reading checks the structure only
+    canonical = spelled.in_vocabulary(VINDR_CXR)
+    assert canonical.gt_findings == [{"label": "Cardiomegaly", "box": [0.01, 0.01, 0.02, 0.02]}]
+    assert canonical.gt_diagnoses == ["Other disease"]  # VinDr-CXR's alias
+    assert compute_metrics([spelled], VINDR)["counts"]["records"] == 1
+    with pytest.raises(ValueError, match=r"^x: ground-truth finding 'COPD' is not one of the local labels of vindr-cxr"):
+        compute_metrics([record("x", "identify", "", findings=[("COPD", (1, 1, 2, 2))])], VINDR)
+    with pytest.raises(ValueError, match=r"^y: ground-truth diagnosis: unknown label 'Hernia'; vindr-cxr has "):
+        compute_metrics([record("y", "vqa", "", diagnoses=["Hernia"])], VINDR)
+    with pytest.raises(ValueError, match=r"^x: ground-truth finding: unknown label 'cardiomegaly'; toy has Mass, "):
+        compute_metrics([spelled], TOY)
+    with pytest.raises(ValueError, match="no-finding label cannot be called 'Finding'"):
+        compute_metrics([record("z", "vqa", "")], Grammar(Vocabulary.build("odd", ["A"], [], "Finding")))
+
+
+# ---- a vocabulary other than VinDr-CXR's -----------------------------------------------------------------
+
+TOY = Grammar(Vocabulary.build("toy", ["Mass", "Effusion"], []))  # detection only: no diseases
+TOY_DX = Grammar(Vocabulary.build("toy-dx", ["Mass", "Effusion"], ["Fibrosis", "Hernia"], no_finding="Normal"))
+
+TOY_GT = {  # image: (findings as (label, 0..100 box), diagnoses)
+    "t1": ([("Mass", (10, 10, 30, 30)), ("Effusion", (50, 60, 90, 95))], []),
+    "t2": ([("Mass", (60, 10, 80, 30))], []),
+    "t3": ([], ["No finding"]),
+    "t4": ([("Effusion", (5, 50, 40, 90))], []),
+}
+TOY_OUTPUT = {  # identify outputs in the toy grammar, plus words it does not know
+    "t1": TOY.findings([("Mass", (0.1, 0.1, 0.3, 0.3)), ("Effusion", (0.5, 0.6, 0.7, 0.7))]),
+    "t2": TOY.no_findings_answer + " Massive Cardiomegaly.",  # "Massive" holds "mass"; Cardiomegaly is not toy's
+    "t3": TOY.findings([("Mass", (0.4, 0.4, 0.5, 0.5))]),
+    "t4": TOY.findings([("Effusion", (0.05, 0.5, 0.4, 0.9)), ("Effusion", (0.06, 0.5, 0.4, 0.9))]),
+}
+TOY_VQA = {"t1": TOY.diagnoses([]), "t2": TOY.diagnoses(["No finding"]), "t3": TOY.diagnoses(["No finding"])}
+
+
+def toy_records(grammar: Grammar = TOY, no_finding: str = "No finding") -> list[Prediction]:
+    """t1..t4 identify, t1..t3 vqa (t4's finding / no-finding then comes from its identify record)."""
+    swap = lambda text: text.replace("No finding", no_finding)  # noqa: E731
+    out = []
+    for image, (findings, diagnoses) in TOY_GT.items():
+        truth = {"findings": [{"label": lab, "box": [v / 100 for v in box]} for lab, box in findings],
+                 "diagnoses": [swap(d) for d in diagnoses]}
+        out.append(record(image, "identify", TOY_OUTPUT[image], grammar.answer("identify", truth), findings,
+                          truth["diagnoses"]))
+        if image in TOY_VQA:
+            out.append(record(image, "vqa", swap(TOY_VQA[image]), grammar.answer("vqa", truth), findings,
+                              truth["diagnoses"]))
+    return out
+
+
+def test_a_detection_only_vocabulary_is_scored_on_its_own_labels():
+    m = compute_metrics(toy_records(), TOY)
+    names = ("Mass", "Effusion")
+    truth = [{lab for lab, _ in TOY_GT[i][0]} for i in TOY_GT]
+    reference = [{"Mass", "Effusion"}, {"Mass"}, {"Mass"}, {"Effusion"}]  # "massive" holds "mass"
+    strict = [{"Mass", "Effusion"}, set(), {"Mass"}, {"Effusion"}]
+    assert m["reference"]["classification"]["local"] == sklearn_report(truth, reference, names)
+    assert m["strict"]["classification"]["local"] == sklearn_report(truth, strict, names)
+    # The global question is finding / no-finding only: t1 answers none (no label), t2 and t3 the no-finding
+    # label, which only t3 has. By hand (sklearn reads one indicator column as a binary target, so no oracle):
+    # P 1/2, R 1; per image (samples avg, an empty side scoring 0) P = R = F1 = (0 + 0 + 1) / 3.
+    for family in ("reference", "strict"):
+        report = m[family]["classification"]["global"]
+        assert list(report) == ["No finding", "micro avg", "macro avg", "weighted avg", "samples avg"]
+        for row in ("No finding", "micro avg", "macro avg", "weighted avg"):
+            assert report[row] == {"precision": 0.5, "recall": 1.0, "f1-score": pytest.approx(2 / 3), "support": 1}
+        assert report["samples avg"] == {"precision": pytest.approx(1 / 3), "recall": pytest.approx(1 / 3),
+                                         "f1-score": pytest.approx(1 / 3), "support": 1}
+    finding = sklearn_report([{"Finding"}, {"Finding"}, {"No finding"}, {"Finding"}],
+                             [{"Finding"}, {"No finding"}, {"No finding"}, {"Finding"}], ("Finding", "No finding"))
+    assert m["strict"]["classification"]["finding"] == finding == m["reference"]["classification"]["finding"]
+    # boxes: 4 ground truth, 5 predicted; the t1 Mass box and one of t4's two Effusion boxes are exact
+    strict_boxes = m["strict"]["localisation"]
+    assert (strict_boxes["gt_boxes"], strict_boxes["pred_boxes"]) == (4, 5)
+    assert list(strict_boxes["per_class"]) == list(names)
+    assert strict_boxes["per_class"]["Effusion"]["0.5"]["tp"] == 1  # (50,60,70,70) is 1/4 of its box
+    gts = {i: TOY_GT[i][0] for i in TOY_GT}
+    preds = {i: TOY.parse(TOY_OUTPUT[i]).findings for i in TOY_GT}
+    for t in metrics.THRESHOLDS:
+        assert m["reference"]["localisation"]["accuracy"][f"{t:g}"] == pytest.approx(accuracy_loop(gts, preds, t))
+    assert list(m["reference"]["localisation"]["per_class"]) == list(names)
+    # Scores all 1.0, so record then parse order. Mass: TP (t1), FP (t3) on 2 ground-truth boxes -> VOC AP 1/2.
+    # Effusion: FP (t1, IoU 1/7), TP (t4), FP (t4's copy of the taken box) on 2 -> precision 1/2 at recall 1/2: 1/4.
+    assert m["strict"]["kaggle_map"]["per_class"] == {"Mass": pytest.approx(0.5), "Effusion": pytest.approx(0.25)}
+    assert set(m["strict"]["map"]["per_class"]) == set(names)
+    assert m["parse"]["identify"]["top_unparsed"] == [["Massive Cardiomegaly", 1]]
+
+
+def test_a_vocabulary_with_diseases_and_its_own_no_finding_label():
+    m = compute_metrics(toy_records(TOY_DX, "Normal"), TOY_DX)
+    assert m["strict"]["classification"]["global"] == sklearn_report(
+        [set(), set(), {"Normal"}], [set(), {"Normal"}, {"Normal"}], ("Fibrosis", "Hernia", "Normal"))
+    # t4 has only its identify record, which says "no findings": the grammar reads the no-finding label there,
+    # the authors' substring rule looks for "normal" and finds nothing, so it predicts a finding.
+    truth = [{"Finding"}, {"Finding"}, {"Normal"}, {"Finding"}]
+    strict = [{"Finding"}, {"Normal"}, {"Normal"}, {"Finding"}]
+    assert m["strict"]["classification"]["finding"] == sklearn_report(truth, strict, ("Finding", "Normal"))
+    assert list(m["reference"]["classification"]["finding"])[:2] == ["Finding", "Normal"]
+    assert m["strict"]["localisation"] == compute_metrics(toy_records(), TOY)["strict"]["localisation"]
 
 
 # ---- localisation ------------------------------------------------------------------------------------
@@ -157,7 +268,7 @@ def localised() -> dict:
         record(image, "identify", identify(*(entry(lab, b) for lab, b in LOCALISATION_PRED[image])), findings=gt)
         for image, gt in LOCALISATION_GT.items()
     ]
-    return compute_metrics(records)
+    return compute_metrics(records, VINDR)
 
 
 @pytest.mark.parametrize("t", metrics.THRESHOLDS)
@@ -202,7 +313,7 @@ def test_spam_boxes_keep_reference_accuracy_but_not_strict_precision():
     gt = [("Cardiomegaly", (38, 49, 82, 63)), ("Aortic enlargement", (53, 28, 65, 36)),
           ("Pleural effusion", (5, 60, 25, 95))]
     spam = [entry("Nodule/Mass", (i, i, i + 2, i + 2)) for i in range(47)]
-    m = compute_metrics([record("s", "identify", identify(entry(*gt[0]), *spam), findings=gt)])
+    m = compute_metrics([record("s", "identify", identify(entry(*gt[0]), *spam), findings=gt)], VINDR)
     assert m["reference"]["localisation"]["accuracy"]["0.5"] == pytest.approx(1 / 3)
     strict = m["strict"]["localisation"]["thresholds"]["0.5"]
     assert strict["precision"] == pytest.approx(1 / 48)
@@ -229,27 +340,27 @@ def map_records(scores):
 
 
 def test_map_uses_cocoeval_101_point_interpolation():
-    m = compute_metrics(map_records([0.9, 0.8, 0.7]))["strict"]["map"]
+    m = compute_metrics(map_records([0.9, 0.8, 0.7]), VINDR)["strict"]["map"]
     assert m["per_class"] == {"Cardiomegaly": pytest.approx(AP_BY_HAND), "Edema": 0.0}
     assert m["map"] == pytest.approx(AP_BY_HAND / 2)
 
 
 def test_map_reads_box_scores_in_parse_order():
     # The false positive now scores highest: FP, TP, TP -> interpolated precision 2/3 everywhere.
-    m = compute_metrics(map_records([0.7, 0.9, 0.8]))["strict"]["map"]
+    m = compute_metrics(map_records([0.7, 0.9, 0.8]), VINDR)["strict"]["map"]
     assert m["per_class"]["Cardiomegaly"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="2 box_scores for 3 parsed boxes"):
-        compute_metrics(map_records([0.9, 0.8]))
+        compute_metrics(map_records([0.9, 0.8]), VINDR)
 
 
 def test_kaggle_map_is_voc_all_point_ap_by_hand():
     # TP, FP, TP on 2 GT boxes: precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1. VOC's envelope reads 1 up to
     # recall 1/2 and 2/3 after: AP = 1/2 * 1 + 1/2 * 2/3 = 5/6 (COCO's 101 points give 0.835).
-    m = compute_metrics(map_records([0.9, 0.8, 0.7]))["strict"]["kaggle_map"]
+    m = compute_metrics(map_records([0.9, 0.8, 0.7]), VINDR)["strict"]["kaggle_map"]
     assert m == {"iou": 0.4, "map": pytest.approx(5 / 12),
                  "per_class": {"Cardiomegaly": pytest.approx(5 / 6), "Edema": 0.0}}
     # FP, TP, TP: precision 0, 1/2, 2/3 at recall 0, 1/2, 1 -> 2/3 everywhere.
-    m = compute_metrics(map_records([0.7, 0.9, 0.8]))["strict"]["kaggle_map"]
+    m = compute_metrics(map_records([0.7, 0.9, 0.8]), VINDR)["strict"]["kaggle_map"]
     assert m["per_class"]["Cardiomegaly"] == pytest.approx(2 / 3)
 
 
@@ -261,7 +372,7 @@ def test_kaggle_map_matches_the_voc_way_and_needs_iou_above_the_threshold():
     voc = record("v", "identify", output, findings=gt, box_scores=[0.9, 0.8])
     # IoU exactly 0.4 (40/100): a hit for COCO (>=), not for Kaggle (>).
     edge = record("e", "identify", identify(entry("ILD", (0, 0, 4, 10))), findings=[("ILD", (0, 0, 10, 10))])
-    m = compute_metrics([voc, edge])["strict"]
+    m = compute_metrics([voc, edge], VINDR)["strict"]
     assert m["kaggle_map"]["per_class"] == {"Cardiomegaly": pytest.approx(1 / 2), "ILD": 0.0}  # TP, FP on 2 GT
     assert m["map"]["per_class"] == {"Cardiomegaly": pytest.approx(1.0), "ILD": pytest.approx(1.0)}
 
@@ -298,7 +409,7 @@ def test_kaggle_map_agrees_with_map_boxes_on_random_detections(seed):
     expected, per_class = mean_average_precision_for_boxes(
         np.array(annotations, dtype=object), np.array(detections, dtype=object), iou_threshold=0.4 + 1e-9,
         verbose=False)
-    got = metrics.kaggle_map(images)
+    got = metrics.kaggle_map(images, LOCAL_LABELS)
     assert got["per_class"] == pytest.approx({lab: ap for lab, (ap, _) in per_class.items()})
     assert got["map"] == pytest.approx(expected)
     assert 0.05 < got["map"] < 0.95  # neither trivial case
@@ -398,7 +509,7 @@ def test_parse_rate_counts_incomplete_outputs_and_their_fragments():
         f"{L} <p>Cardiomegaly</p> {{<1><2><3><400>}}; banana.",
         "",
     ]
-    stats = metrics.parse_stats([record(str(i), "identify", o) for i, o in enumerate(outputs)])
+    stats = metrics.parse_stats([record(str(i), "identify", o) for i, o in enumerate(outputs)], VINDR)
     assert (stats["records"], stats["complete"], stats["empty"]) == (4, 1, 1)
     assert stats["rate"] == 0.25  # the empty output holds no answer: not parsed
     assert stats["top_unparsed"] == [["banana", 2], ["{<1><2><3><400>}", 1]]
@@ -567,7 +678,7 @@ def test_reference_meteor_without_wordnet_is_reported(monkeypatch, tmp_path):
 
 def test_compute_metrics_carries_both_text_blocks():
     records = [record(str(i), "identify", o, target=t) for i, (t, o) in enumerate(TABLE7)]
-    m = compute_metrics(records)
+    m = compute_metrics(records, VINDR)
     assert m["text"]["identify"] == metrics.text_metrics([t for t, _ in TABLE7], [o for _, o in TABLE7])
     assert m["reference"]["text"]["identify"] == reference_text.text_metrics([t for t, _ in TABLE7],
                                                                              [o for _, o in TABLE7])
@@ -576,7 +687,8 @@ def test_compute_metrics_carries_both_text_blocks():
 
 def test_without_text_metrics_everything_else_is_the_same():
     """`text=False` (validation's: it reports no text metric) empties only the two text blocks."""
-    full, lean = compute_metrics(CLASSIFICATION_RECORDS), compute_metrics(CLASSIFICATION_RECORDS, text=False)
+    full = compute_metrics(CLASSIFICATION_RECORDS, VINDR)
+    lean = compute_metrics(CLASSIFICATION_RECORDS, VINDR, text=False)
     assert any(v is not None for v in full["text"].values())
     assert set(lean["text"].values()) == set(lean["reference"]["text"].values()) == {None}
     for m in (full, lean):

@@ -8,9 +8,12 @@ from PIL import Image
 
 from litegpt.eval import reference_text
 from litegpt.eval.metrics import Prediction, compute_metrics, text_metrics
-from litegpt.eval.report import TEXT_BLOCKS, TEXT_COLUMNS, log_tensorboard, write_report
+from litegpt.eval.report import TEXT_BLOCKS, TEXT_COLUMNS, log_tensorboard, scalars, write_report
+from litegpt.grammar import Grammar
+from litegpt.labels import VINDR_CXR, Vocabulary
 
 SIZE = 200
+VINDR = Grammar(VINDR_CXR)
 GT = [("Cardiomegaly", (38, 49, 82, 63)), ("Aortic enlargement", (53, 28, 65, 36)),
       ("Pleural effusion", (5, 60, 25, 95))]
 SPURIOUS = ("Nodule/Mass", (80, 5, 95, 20))
@@ -38,9 +41,9 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    metrics = compute_metrics(RECORDS)
+    metrics = compute_metrics(RECORDS, VINDR)
     out = tmp_path_factory.mktemp("eval")
-    files = write_report(metrics, RECORDS, out, images=lambda image_id: Image.new("L", (SIZE, SIZE), 128))
+    files = write_report(metrics, RECORDS, out, VINDR, images=lambda image_id: Image.new("L", (SIZE, SIZE), 128))
     return metrics, files
 
 
@@ -68,6 +71,8 @@ def test_report_tables_hold_the_hand_computed_numbers(written):
     assert "| vqa | 3 | 2 | 66.67 |" in text  # parse rate
     assert "| `Maybe\\|not` | 1 |" in text  # the fragment, its pipe escaped
     assert "![s](overlays/s.png)" in text
+    assert "## Table 1. Finding / No finding" in text and "Labels: the vocabulary 'vindr-cxr' (22 local" in text
+    assert "no global diseases" not in text
 
 
 def test_text_tables_put_the_authors_definitions_beside_ours(written):
@@ -116,3 +121,45 @@ def test_tensorboard_gets_scalars_and_overlays(written, tmp_path):
     (point,) = events.Scalars("eval/reference/text/vqa/bleu1")
     assert point.value == pytest.approx(metrics["reference"]["text"]["vqa"]["bleu1"])
     assert events.Tags()["images"] == ["eval/overlay/s"]
+
+
+def toy_report(tmp_path, vocabulary: Vocabulary) -> tuple[dict, str]:
+    """Two images in a non-VinDr grammar: one with a Mass box found exactly, one with nothing."""
+    grammar = Grammar(vocabulary)
+    nothing = vocabulary.no_finding
+    mass = {"findings": [{"label": "Mass", "box": [0.1, 0.1, 0.3, 0.3]}], "diagnoses": []}
+    clear = {"findings": [], "diagnoses": [nothing]}
+    records = [Prediction(image_id, task, grammar.answer(task, meta), grammar.answer(task, meta), meta["findings"],
+                          meta["diagnoses"])
+               for image_id, meta in (("m", mass), ("c", clear)) for task in ("identify", "vqa")]
+    metrics = compute_metrics(records, grammar, text=False)
+    files = write_report(metrics, records, tmp_path, grammar, images=lambda _: Image.new("L", (SIZE, SIZE), 128))
+    assert [p.name for p in files.overlays] == ["m.png"]
+    return metrics, files.report.read_text()
+
+
+def test_tables_list_the_vocabularys_labels_and_say_when_it_has_no_diseases(tmp_path):
+    metrics, text = toy_report(tmp_path, Vocabulary.build("toy", ["Mass", "Effusion"], []))
+    local = text.split("## Local labels")[1].split("## ")[0]
+    rows = [line.split(" | ")[0][2:] for line in local.splitlines() if line.startswith("| ")]
+    assert rows == ["Label", "Mass", "Effusion", "micro avg", "macro avg", "weighted avg", "samples avg"]
+    assert "| Mass | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1 |" in local
+    assert "| Effusion | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 | 0 |" in local
+    note = ("The vocabulary 'toy' has no global diseases: the global classification (`vqa`) is finding / no-finding "
+            "only, its one label 'No finding'.")
+    assert text.split("## Table 2.")[1].split("## ")[0].count(note) == 1
+    global_ = text.split("## Global labels")[1].split("## ")[0]
+    assert note in global_ and "| No finding | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1 |" in global_
+    per_class = text.split("## Localisation per local label")[1].split("## ")[0]
+    assert "| Mass | 1 | 1 |" + " 100.00 |" * 11 in per_class and "| Effusion | 0 | 0 |" in per_class
+    assert "Labels: the vocabulary 'toy' (2 local, 1 global labels)." in text
+    assert "Cardiomegaly" not in text  # nothing of VinDr-CXR's
+
+
+def test_a_vocabularys_own_no_finding_label_heads_table_1_and_scalars_keep_their_names(tmp_path):
+    vocabulary = Vocabulary.build("toy-dx", ["Mass"], ["Fibrosis"], no_finding="Normal")
+    metrics, text = toy_report(tmp_path, vocabulary)
+    assert "## Table 1. Finding / Normal" in text and "F1 Normal (%)" in text and "no global diseases" not in text
+    assert "| Fibrosis | 0.00 |" in text.split("## Global labels")[1]
+    values = scalars(metrics)
+    assert values["strict/no_finding/recall"] == values["strict/finding/precision"] == 1.0  # as VinDr names them

@@ -8,8 +8,9 @@ json (no image is decoded):
   least the most frequent one), each with the mean of its training boxes; the denominator is images with
   findings because stage 1 trains on those only.
 - `[vqa]`: the global labels present in more than half of all training images (at least the most frequent
-  one). "More than half" keeps `No finding` exclusive: an image that has it has no other diagnosis.
+  one). "More than half" keeps the no-finding label exclusive: an image that has it has no other diagnosis.
 
+The answers and targets are written in the shard set's grammar (its manifest's vocabulary and template).
 Its records are `metrics.Prediction`s, so `compute_metrics` scores it exactly as it scores a model.
 """
 
@@ -22,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from litegpt.data.shards import iter_json, shard_paths
+from litegpt.data.shards import iter_json, read_manifest, shard_paths
 from litegpt.eval.metrics import Prediction
-from litegpt.grammar import TASKS, render_answer, render_diagnoses, render_findings
+from litegpt.grammar import TASKS, Grammar
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class Prior:
     findings: tuple[tuple[str, tuple[float, ...]], ...]  # (local label, mean normalised box)
     diagnoses: tuple[str, ...]
 
-    def answer(self, task: str) -> str:
-        return render_findings(self.findings) if task == "identify" else render_diagnoses(self.diagnoses)
+    def answer(self, task: str, grammar: Grammar) -> str:
+        return grammar.findings(self.findings) if task == "identify" else grammar.diagnoses(self.diagnoses)
 
 
 def split_json(shards: Path, split: str) -> Iterator[dict]:
@@ -65,8 +66,17 @@ def fit_prior(samples: Iterable[dict]) -> Prior:
     return Prior(findings, diagnoses)
 
 
-def prior_predictions(prior: Prior, samples: Iterable[dict], tasks: Sequence[str] = TASKS) -> list[Prediction]:
+def prior_predictions(prior: Prior, samples: Iterable[dict], grammar: Grammar,
+                      tasks: Sequence[str] = TASKS) -> list[Prediction]:
     """One record per sample and task, answering the prior's fixed text."""
-    return [Prediction(image_id=s["image_id"], task=task, output=prior.answer(task), target=render_answer(task, s),
+    answers = {task: prior.answer(task, grammar) for task in tasks}
+    return [Prediction(image_id=s["image_id"], task=task, output=answers[task], target=grammar.answer(task, s),
                        gt_findings=s["findings"], gt_diagnoses=s["diagnoses"])
             for s in samples for task in tasks]
+
+
+def baseline(shards: Path, train: str = "train", test: str = "test") -> tuple[Grammar, list[Prediction]]:
+    """The prior fitted on a shard set's `train` split answering its `test` split, and the set's grammar, the
+    one to score the records with."""
+    grammar = Grammar.from_record(read_manifest(shards))
+    return grammar, prior_predictions(fit_prior(split_json(shards, train)), split_json(shards, test), grammar)

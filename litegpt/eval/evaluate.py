@@ -8,6 +8,9 @@
 (torchrun needs the `--`: its parser would take `--run` for an abbreviation of its own `--run-path`;
 deepspeed needs `--no_local_rank`: the rank arrives in LOCAL_RANK, not as an argument.)
 
+Text: the export's grammar (`TrainedStage.grammar`) renders the prompts and targets and parses the outputs;
+the shard set's label vocabulary (its manifest's) must be the export's, else evaluation is refused naming both.
+
 Visual input: the shards' feature cache for the export's encoders when there is one (`--features auto`),
 else the encoders run live on the PNGs; both paths round features alike (see `litegpt.model.model`).
 
@@ -40,7 +43,7 @@ from PIL import Image
 
 from litegpt import __version__
 from litegpt.data.integrity import verify_shard_set
-from litegpt.data.shards import ShardError, read_manifest, read_samples, shard_paths
+from litegpt.data.shards import MANIFEST, ShardError, read_manifest, read_samples, shard_paths
 from litegpt.eval.inference import (
     PRESETS,
     Decoding,
@@ -57,7 +60,8 @@ from litegpt.eval.inference import (
 from litegpt.eval.metrics import Prediction, compute_metrics, read_predictions, write_predictions
 from litegpt.eval.report import OVERLAYS, scalars
 from litegpt.features import FeatureCacheError, open_cache, visual_decoder
-from litegpt.grammar import TASKS, render_answer
+from litegpt.grammar import TASKS
+from litegpt.labels import Vocabulary, VocabularyError, VocabularyMismatch
 from litegpt.model.config import ConfigError, Visual
 from litegpt.model.export import CONFIG
 
@@ -96,10 +100,23 @@ class SplitShards:
     description: str
 
 
+def check_vocabulary(stage: TrainedStage, shards: Path, manifest: dict) -> None:
+    """The shard set's labels must be the ones the stage trained on: its outputs are read with those."""
+    try:
+        labels = Vocabulary.of_manifest(manifest)
+        stage.grammar.vocabulary.require_same(labels, f"the export {stage.export}", f"the shard set {shards}")
+    except VocabularyError as exc:
+        raise EvalError(f"{Path(shards) / MANIFEST}: {exc}") from None
+    except VocabularyMismatch as exc:
+        raise EvalError(str(exc)) from None
+
+
 def open_split(shards: Path, split: str, stage: TrainedStage,
                features: Visual | None) -> tuple[SplitShards, str | None]:
-    """The split's shards to stream, and a note when `auto` (None) falls back to live encoders."""
+    """The split's shards to stream, and a note when `auto` (None) falls back to live encoders; the shard set
+    must have the stage's label vocabulary."""
     manifest = read_manifest(shards)
+    check_vocabulary(stage, shards, manifest)
     splits = sorted({s["split"] for s in manifest["shards"]})
     if split not in splits:
         raise EvalError(f"{shards} has no {split!r} split (its splits: {', '.join(splits) or 'none'})")
@@ -180,8 +197,8 @@ def predict_part(model, stage: TrainedStage, split: SplitShards, opts: EvalOptio
         keys = [m["image_id"] for m in metas]
         for task in tasks:
             generations = generate(model, stage, task, keys, visual, split.visual, opts.decoding, chunk)
-            out += [Prediction(meta["image_id"], task, gen.text, render_answer(task, meta), meta["findings"],
-                               meta["diagnoses"], gen.probs, box_scores(model.tokenizer, gen))
+            out += [Prediction(meta["image_id"], task, gen.text, stage.grammar.answer(task, meta), meta["findings"],
+                               meta["diagnoses"], gen.probs, box_scores(model.tokenizer, gen, stage.grammar))
                     for meta, gen in zip(metas, generations)]
         bar.update(len(raws))
     bar.close()
@@ -240,7 +257,7 @@ def merge_and_score(stage: TrainedStage, split: SplitShards, opts: EvalOptions, 
     predictions = merge_parts(parts, chunk_sizes(samples, opts.batch_size), len(tasks))
     write_predictions(out_dir / "predictions.jsonl", predictions)
     shutil.rmtree(out_dir / "parts")
-    metrics = compute_metrics(predictions)
+    metrics = compute_metrics(predictions, stage.grammar)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     settings = {"run": str(stage.directory), "shards": str(opts.shards), "split": opts.split, "samples": samples,
                 "tasks": list(tasks), "task_token": stage.task_token, "batch_size": opts.batch_size,
@@ -259,7 +276,8 @@ def write_outputs(stage: TrainedStage, split: SplitShards, metrics: dict, predic
     from litegpt.eval.report import log_tensorboard, write_report
 
     shutil.rmtree(out_dir / "overlays", ignore_errors=True)
-    files = write_report(metrics, predictions, out_dir, images=ShardImages(split.images), overlays=overlays)
+    files = write_report(metrics, predictions, out_dir, stage.grammar, images=ShardImages(split.images),
+                         overlays=overlays)
     writer = SummaryWriter(str(stage.directory / "tensorboard"))
     try:
         log_tensorboard(writer, metrics, int(stage.info.get("step", 0)), overlays=files.overlays[:TENSORBOARD_OVERLAYS])

@@ -1,6 +1,8 @@
 """A trained stage at inference: load its export, generate, score the boxes, choose the decoding.
 
 Shared by `litegpt evaluate` (a shard split) and `litegpt predict` (one file); neither reads training code.
+A stage's text (prompts, parsing, labels) is its export's grammar (`TrainedStage.grammar`: the vocabulary
+and task template of the shard set it trained on, recorded in export.json).
 
 Box confidences: token i of a generation covers the characters that decoding its first i + 1 tokens adds
 to decoding its first i (`token_offsets`), which follows the tokenizer's own decoder (leading-space
@@ -21,7 +23,8 @@ from pathlib import Path
 import torch
 
 from litegpt.eval.metrics import box_confidences
-from litegpt.grammar import TASKS, parse, render_prompt
+from litegpt.grammar import TASKS, Grammar
+from litegpt.labels import VocabularyError
 from litegpt.model.config import ModelConfig, Visual, load_model_config
 from litegpt.model.export import CONFIG, INFO, load_export
 
@@ -93,6 +96,7 @@ class TrainedStage:
     info: dict  # export.json
     model_cfg: ModelConfig
     task_token: str | None  # the stage's `[identify]` override (the `[grounding]` ablation), if any
+    grammar: Grammar  # the text it trained on: `Grammar.from_record(info)`, the vocabulary of its shard set
 
     @property
     def export(self) -> Path:
@@ -104,7 +108,7 @@ class TrainedStage:
 
     def prompt(self, task: str) -> str:
         """The prompt the stage trained with (the task token override applies to `identify` only)."""
-        return render_prompt(task, self.task_token if task == "identify" else None)
+        return self.grammar.prompt(task, self.task_token if task == "identify" else None)
 
 
 def _no_export(directory: Path) -> EvalError:
@@ -133,7 +137,11 @@ def load_stage(directory: Path) -> TrainedStage:
         import yaml
 
         token = (yaml.safe_load(snapshot.read_text()).get("stage") or {}).get("task_token")
-    return TrainedStage(directory, info, load_model_config(export / CONFIG), token)
+    try:
+        grammar = Grammar.from_record(info)  # exports made before vocabularies were recorded: VinDr-CXR's
+    except VocabularyError as exc:
+        raise EvalError(f"{export / INFO}: {exc}") from None
+    return TrainedStage(directory, info, load_model_config(export / CONFIG), token, grammar)
 
 
 def inference_device() -> torch.device:
@@ -182,9 +190,9 @@ def token_offsets(tokenizer, ids: Sequence[int], text: str) -> list[tuple[int, i
     return offsets
 
 
-def box_scores(tokenizer, generation) -> list[float]:
+def box_scores(tokenizer, generation, grammar: Grammar) -> list[float]:
     """One confidence per box `grammar.parse` finds in the generation, in parse order."""
-    spans = parse(generation.text).box_spans
+    spans = grammar.parse(generation.text).box_spans
     if not spans:
         return []
     return box_confidences(spans, generation.probs, token_offsets(tokenizer, generation.token_ids, generation.text))

@@ -4,7 +4,8 @@ Two families are reported side by side:
 
 - `reference`: the authors' evaluation code, reproduced on purpose so numbers compare with the paper.
   A class is predicted when its lower-cased name is a substring of the lower-cased output with `<...>`
-  tags removed ("mild" predicts ILD, "no findings" predicts No finding). Accuracy@t: a ground-truth box
+  tags removed (a short name inside a longer word counts; "no findings" contains the default no-finding
+  label, which another vocabulary's no-finding name need not be). Accuracy@t: a ground-truth box
   is a hit when ANY predicted box of its class in its image has IoU > t (strict), with the inclusive
   +1 pixel IoU on 0..100 integers; score = hits / all ground-truth boxes. No one-to-one matching and no
   false-positive penalty, so spamming boxes only helps. Predicted boxes come from the grammar's parser,
@@ -18,13 +19,19 @@ Two families are reported side by side:
   metric (PASCAL VOC 2010 all-point AP, a hit at IoU > 0.4, VOC's matching; see `kaggle_map`), the figure
   that compares with that leaderboard.
 
+Labels are those of a `Grammar`'s vocabulary (the shard set's or the export's): its parser reads the
+outputs, per-label rows and mAP classes follow its local and global labels in its order, and the records'
+ground truth must use its labels (`Prediction.in_vocabulary`).
+
 Which record feeds what: `identify` records give local-label classification and localisation; `vqa`
-records give global-label classification; Finding / No finding (paper Table 1) comes from an image's
+records give global-label classification; finding / no-finding (paper Table 1) comes from an image's
 `vqa` record when it has one (the paper's Table 1 prompt), else from its `identify` record. Ground-truth
-"No finding" means `No finding` is among the image's diagnoses (the label policy puts it there exactly
-when the image has neither findings nor diseases). The paper's per-label tables (8-13) average over the
-22 local and the 6 global labels separately (Table 11's support, 3200, is the sum of the six rows), so
-the Finding column is reported in its own two-class report rather than inside the global one.
+no-finding means the vocabulary's no-finding label is among the image's diagnoses (the label policy puts
+it there exactly when the image has neither findings nor diseases). The paper's per-label tables (8-13)
+average over the local and the global labels separately (Table 11's support, 3200, is the sum of its six
+rows), so the finding column is reported in its own two-class report rather than inside the global one.
+A vocabulary without diseases (global labels = [no-finding]) still has a global report: its one row is
+the finding / no-finding question asked by `vqa`.
 
 Text metrics (paper Tables 4 and 5) come in two blocks. `text` (ours) scores outputs against targets after
 `strip_boxes`; ROUGE via rouge_score on that text (no stemming), BLEU-1..4 (cumulative, corpus), METEOR and
@@ -65,7 +72,7 @@ import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -73,13 +80,12 @@ import numpy as np
 
 from litegpt.boxes import iou_matrix
 from litegpt.eval import reference_text
-from litegpt.grammar import TASKS, Box, parse, quantize_box
-from litegpt.labels import GLOBAL_LABELS, LOCAL_LABELS, NO_FINDING, canonical_label
+from litegpt.grammar import TASKS, Box, Grammar, quantize_box
+from litegpt.labels import Vocabulary
 
 THRESHOLDS = (0.3, 0.4, 0.5)
 MAP_IOU = 0.4
 FINDING = "Finding"
-FINDING_NAMES = (FINDING, NO_FINDING)
 TOP_UNPARSED = 20
 
 
@@ -92,9 +98,10 @@ class GroundTruthBox(TypedDict):
 class Prediction:
     """One generation for one image and task: a line of `eval/predictions.jsonl`.
 
-    `box_scores` holds one confidence per box that `grammar.parse(output)` finds, in parse order (see
+    `box_scores` holds one confidence per box that the grammar's `parse(output)` finds, in parse order (see
     `box_confidences`); None means unknown and every box then scores 1.0 for mAP. `token_probs` (the
     probability of each generated token) is kept for analyses such as calibration; no metric reads it.
+    A record checks its structure only; its labels are checked against a vocabulary by `in_vocabulary`.
     """
 
     image_id: str
@@ -111,18 +118,35 @@ class Prediction:
             raise ValueError(f"{self.image_id}: unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
         findings: list[GroundTruthBox] = []
         for f in self.gt_findings:
-            label = canonical_label(f["label"])
-            if label not in LOCAL_LABELS:
-                raise ValueError(f"{self.image_id}: ground-truth finding {label!r} is not a local label")
             box = [float(v) for v in f["box"]]
             if len(box) != 4 or not all(math.isfinite(v) for v in box):
                 raise ValueError(f"{self.image_id}: ground-truth box {f['box']!r} is not 4 finite numbers")
-            findings.append({"label": label, "box": box})
+            if not isinstance(f["label"], str):
+                raise ValueError(f"{self.image_id}: ground-truth label {f['label']!r} is not a name")
+            findings.append({"label": f["label"], "box": box})
         self.gt_findings = findings
-        self.gt_diagnoses = [canonical_label(d) for d in self.gt_diagnoses]
-        not_global = sorted(set(self.gt_diagnoses) - set(GLOBAL_LABELS))
-        if not_global:
-            raise ValueError(f"{self.image_id}: ground-truth diagnoses {not_global} are not global labels")
+        if not all(isinstance(d, str) for d in self.gt_diagnoses):
+            raise ValueError(f"{self.image_id}: ground-truth diagnoses {self.gt_diagnoses!r} are not names")
+        self.gt_diagnoses = list(self.gt_diagnoses)
+
+    def in_vocabulary(self, vocabulary: Vocabulary) -> Prediction:
+        """This record with its ground-truth labels spelled as `vocabulary` spells them (aliases and case
+        resolved); a ValueError naming the image and the label when one is not in it or not of its kind:
+        findings take local labels, diagnoses global ones."""
+        def canonical(name: str, what: str, kind: str, allowed: Sequence[str]) -> str:
+            try:
+                label = vocabulary.canonical(name)
+            except ValueError as exc:
+                raise ValueError(f"{self.image_id}: ground-truth {what}: {exc}") from None
+            if label not in allowed:
+                raise ValueError(f"{self.image_id}: ground-truth {what} {label!r} is not one of the {kind} labels "
+                                 f"of {vocabulary.name}: {', '.join(allowed)}")
+            return label
+
+        findings = [{"label": canonical(f["label"], "finding", "local", vocabulary.local_labels), "box": f["box"]}
+                    for f in self.gt_findings]
+        diagnoses = [canonical(d, "diagnosis", "global", vocabulary.global_labels) for d in self.gt_diagnoses]
+        return replace(self, gt_findings=findings, gt_diagnoses=diagnoses)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -188,9 +212,9 @@ def reference_labels(text: str, names: Sequence[str]) -> set[str]:
     return {name for name in names if name.lower() in plain}
 
 
-def strict_labels(text: str, names: Sequence[str]) -> set[str]:
+def strict_labels(text: str, names: Sequence[str], grammar: Grammar) -> set[str]:
     """Labels the grammar finds as whole words, restricted to `names`."""
-    return set(parse(text).labels) & set(names)
+    return set(grammar.parse(text).labels) & set(names)
 
 
 def _plain(value: Any) -> Any:
@@ -205,12 +229,15 @@ def _plain(value: Any) -> Any:
 def classification(truth: Sequence[set[str]], predicted: Sequence[set[str]], names: Sequence[str]) -> dict:
     """scikit-learn's classification_report on multilabel indicator matrices, as a dict.
 
-    zero_division=0 gives the values of sklearn's default ('warn') without the warnings.
+    zero_division=0 gives the values of sklearn's default ('warn') without the warnings. The matrices carry one
+    more column, a label no row has and `labels` leaves out of every figure: sklearn would read a single label's
+    one column (a vocabulary without diseases has one global label) as a binary target and report its zeros.
     """
     from sklearn.metrics import classification_report
 
     def indicator(rows: Sequence[set[str]]) -> np.ndarray:
-        return np.array([[name in row for name in names] for row in rows], dtype=int).reshape(-1, len(names))
+        return np.array([[name in row for name in names] + [False] for row in rows],
+                        dtype=int).reshape(-1, len(names) + 1)
 
     report = classification_report(
         indicator(truth), indicator(predicted), labels=list(range(len(names))), target_names=list(names),
@@ -219,25 +246,38 @@ def classification(truth: Sequence[set[str]], predicted: Sequence[set[str]], nam
     return _plain(report)
 
 
-def _finding_row(no_finding: bool) -> set[str]:
-    return {NO_FINDING} if no_finding else {FINDING}
+def finding_names(vocabulary: Vocabulary) -> tuple[str, str]:
+    """The two classes of the finding / no-finding report (paper Table 1): any finding, or the no-finding label."""
+    if vocabulary.no_finding == FINDING:
+        raise ValueError(f"vocabulary {vocabulary.name}: the no-finding label cannot be called {FINDING!r}, "
+                         "the name of its opposite class in the finding / no-finding report")
+    return FINDING, vocabulary.no_finding
 
 
 def _classification_family(
-    by_task: dict[str, list[Prediction]], finding_source: list[Prediction], strict: bool
+    by_task: dict[str, list[Prediction]], finding_source: list[Prediction], grammar: Grammar, strict: bool
 ) -> dict:
-    extract = strict_labels if strict else reference_labels
+    def extract(text: str, names: Sequence[str]) -> set[str]:
+        return strict_labels(text, names, grammar) if strict else reference_labels(text, names)
+
+    vocabulary = grammar.vocabulary
     out: dict[str, Any] = {}
-    for scope, task, names in (("local", "identify", LOCAL_LABELS), ("global", "vqa", GLOBAL_LABELS)):
+    for scope, task, names in (("local", "identify", vocabulary.local_labels),
+                               ("global", "vqa", vocabulary.global_labels)):
         records = by_task[task]
         if not records:
             out[scope] = None
             continue
         truth = [{f["label"] for f in r.gt_findings} if task == "identify" else set(r.gt_diagnoses) for r in records]
         out[scope] = classification(truth, [extract(r.output, names) for r in records], names)
-    truth = [_finding_row(NO_FINDING in r.gt_diagnoses) for r in finding_source]
-    predicted = [_finding_row(NO_FINDING in extract(r.output, [NO_FINDING])) for r in finding_source]
-    out["finding"] = classification(truth, predicted, FINDING_NAMES) if finding_source else None
+    finding, no_finding = names = finding_names(vocabulary)
+
+    def row(nothing: bool) -> set[str]:
+        return {no_finding} if nothing else {finding}
+
+    truth = [row(no_finding in r.gt_diagnoses) for r in finding_source]
+    predicted = [row(no_finding in extract(r.output, [no_finding])) for r in finding_source]
+    out["finding"] = classification(truth, predicted, names) if finding_source else None
     return out
 
 
@@ -252,8 +292,8 @@ class _ImageBoxes:
     scores: dict[str, list[float]]
 
 
-def _image_boxes(record: Prediction) -> _ImageBoxes:
-    findings = parse(record.output).findings
+def _image_boxes(record: Prediction, grammar: Grammar) -> _ImageBoxes:
+    findings = grammar.parse(record.output).findings  # local labels only
     scores = record.box_scores if record.box_scores is not None else [1.0] * len(findings)
     if len(scores) != len(findings):
         raise ValueError(
@@ -263,9 +303,8 @@ def _image_boxes(record: Prediction) -> _ImageBoxes:
     for f in record.gt_findings:
         out.gt.setdefault(f["label"], []).append(quantize_box(f["box"]))
     for (label, box), score in zip(findings, scores):
-        if label in LOCAL_LABELS:
-            out.pred.setdefault(label, []).append(box)
-            out.scores.setdefault(label, []).append(float(score))
+        out.pred.setdefault(label, []).append(box)
+        out.scores.setdefault(label, []).append(float(score))
     return out
 
 
@@ -284,9 +323,10 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
 
-def reference_accuracy(images: Sequence[_ImageBoxes], thresholds: Sequence[float]) -> dict:
-    """Accuracy@t as the authors code it: hits (any same-class box with inclusive IoU > t) / GT boxes."""
-    hits = {label: Counter() for label in LOCAL_LABELS}
+def reference_accuracy(images: Sequence[_ImageBoxes], labels: Sequence[str], thresholds: Sequence[float]) -> dict:
+    """Accuracy@t as the authors code it: hits (any same-class box with inclusive IoU > t) / GT boxes;
+    per class for each of `labels` (the local labels)."""
+    hits = {label: Counter() for label in labels}
     support: Counter = Counter()
     for im in images:
         for label, gt in im.gt.items():
@@ -305,7 +345,7 @@ def reference_accuracy(images: Sequence[_ImageBoxes], thresholds: Sequence[float
                 "support": support[label],
                 **{_key(t): _ratio(hits[label][_key(t)], support[label]) for t in thresholds},
             }
-            for label in LOCAL_LABELS
+            for label in labels
         },
     }
 
@@ -332,12 +372,12 @@ def _prf(tp: int, n_pred: int, n_gt: int) -> dict:
     return {"precision": _ratio(tp, n_pred), "recall": _ratio(tp, n_gt), "f1": f1, "tp": tp}
 
 
-def strict_boxes(images: Sequence[_ImageBoxes], thresholds: Sequence[float]) -> dict:
-    """One-to-one box precision / recall / F1 per threshold, overall (micro) and per class.
+def strict_boxes(images: Sequence[_ImageBoxes], labels: Sequence[str], thresholds: Sequence[float]) -> dict:
+    """One-to-one box precision / recall / F1 per threshold, overall (micro) and per class of `labels`.
 
     Per-class recall is the strict Accuracy@IoU: matched ground-truth boxes / ground-truth boxes.
     """
-    tp = {label: Counter() for label in LOCAL_LABELS}
+    tp = {label: Counter() for label in labels}
     n_gt: Counter = Counter()
     n_pred: Counter = Counter()
     for im in images:
@@ -360,7 +400,7 @@ def strict_boxes(images: Sequence[_ImageBoxes], thresholds: Sequence[float]) -> 
                 "pred_boxes": n_pred[label],
                 **{_key(t): _prf(tp[label][_key(t)], n_pred[label], n_gt[label]) for t in thresholds},
             }
-            for label in LOCAL_LABELS
+            for label in labels
         },
     }
 
@@ -384,8 +424,9 @@ def _coco_annotations(images: Sequence[_ImageBoxes], cat: dict[str, int]) -> tup
     return gt_anns, dets
 
 
-def coco_map(images: Sequence[_ImageBoxes], iou: float = MAP_IOU) -> dict:
+def coco_map(images: Sequence[_ImageBoxes], labels: Sequence[str], iou: float = MAP_IOU) -> dict:
     """Per-class AP at one IoU threshold with pycocotools' COCOeval; mAP over classes with ground truth.
+    `labels` are the categories (the local labels), in order.
 
     Boxes go in as 0..100 xywh. COCO's matcher accepts IoU >= iou, greedily by descending score; the
     area range is 'all' and maxDets is set to the largest number of boxes in any image, so nothing is
@@ -395,13 +436,13 @@ def coco_map(images: Sequence[_ImageBoxes], iou: float = MAP_IOU) -> dict:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    cat = {label: i + 1 for i, label in enumerate(LOCAL_LABELS)}
+    cat = {label: i + 1 for i, label in enumerate(labels)}
     gt_anns, dets = _coco_annotations(images, cat)
     present = sorted({a["category_id"] for a in gt_anns})
     if not present:
         return {"iou": iou, "map": None, "per_class": {}}
     if not dets:  # loadRes cannot take an empty list; every class with ground truth then has AP 0
-        return {"iou": iou, "map": 0.0, "per_class": {LOCAL_LABELS[c - 1]: 0.0 for c in present}}
+        return {"iou": iou, "map": 0.0, "per_class": {labels[c - 1]: 0.0 for c in present}}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco_gt = COCO()
         coco_gt.dataset = {"images": [{"id": i} for i in range(1, len(images) + 1)],
@@ -419,7 +460,7 @@ def coco_map(images: Sequence[_ImageBoxes], iou: float = MAP_IOU) -> dict:
     per_class = {}
     for k, c in enumerate(ev.params.catIds):
         if c in present:
-            per_class[LOCAL_LABELS[c - 1]] = float(precision[:, k].mean())
+            per_class[labels[c - 1]] = float(precision[:, k].mean())
     return {"iou": iou, "map": float(np.mean(list(per_class.values()))), "per_class": per_class}
 
 
@@ -432,9 +473,9 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
 
 
-def kaggle_map(images: Sequence[_ImageBoxes], iou: float = MAP_IOU) -> dict:
-    """The VinBigData Kaggle metric: VOC 2010 all-point AP with a hit at IoU > iou, mean over classes with
-    ground truth.
+def kaggle_map(images: Sequence[_ImageBoxes], labels: Sequence[str], iou: float = MAP_IOU) -> dict:
+    """The VinBigData Kaggle metric: VOC 2010 all-point AP with a hit at IoU > iou, mean over the classes of
+    `labels` (the local labels) with ground truth.
 
     Per class, detections of all images in descending score (ties in record, then parse, order) are matched
     the VOC devkit's way: each goes to the ground-truth box of its image it overlaps most (continuous IoU);
@@ -442,7 +483,7 @@ def kaggle_map(images: Sequence[_ImageBoxes], iou: float = MAP_IOU) -> dict:
     another free box overlaps enough (COCO would take that one, and accepts IoU == iou).
     """
     per_class = {}
-    for label in LOCAL_LABELS:
+    for label in labels:
         n_gt = sum(len(im.gt.get(label, ())) for im in images)
         if not n_gt:
             continue
@@ -541,7 +582,7 @@ def text_metrics(references: Sequence[str], candidates: Sequence[str]) -> dict:
 
 # ---- parse rate -------------------------------------------------------------------------------------
 
-def parse_stats(records: Sequence[Prediction], top: int = TOP_UNPARSED) -> dict:
+def parse_stats(records: Sequence[Prediction], grammar: Grammar, top: int = TOP_UNPARSED) -> dict:
     """Share of outputs the grammar reads completely, and the most frequent fragments it could not read.
 
     An empty (or blank) output is not parsed: it holds no answer (a model with NaN weights gives nothing
@@ -550,7 +591,7 @@ def parse_stats(records: Sequence[Prediction], top: int = TOP_UNPARSED) -> dict:
     fragments: Counter = Counter()
     failed = []
     for r in records:
-        unparsed = parse(r.output).unparsed
+        unparsed = grammar.parse(r.output).unparsed
         fragments.update(unparsed)
         if unparsed or not r.output.strip():
             failed.append({"image_id": r.image_id, "task": r.task, "unparsed": unparsed})
@@ -575,14 +616,18 @@ def _text_block(by_task: dict[str, list[Prediction]], score: TextScore) -> dict:
     return {t: score([r.target for r in rs], [r.output for r in rs]) if rs else None for t, rs in by_task.items()}
 
 
-def compute_metrics(predictions: Sequence[Prediction], thresholds: Sequence[float] = THRESHOLDS,
+def compute_metrics(predictions: Sequence[Prediction], grammar: Grammar, thresholds: Sequence[float] = THRESHOLDS,
                     text: bool = True) -> dict:
     """All metrics of an evaluation run: the content of `metrics.json` (schema in the module doc).
 
-    `text=False` leaves both text-metric blocks empty (None per task): validation during training reports no
-    text metric, and METEOR's Java start-up and WordNet's loading would cost it seconds."""
+    `grammar` is the dataset's (the export's, which evaluate checks equals the shard set's): it parses the
+    outputs, and its vocabulary gives the labels, whose names the ground truth must use. `text=False` leaves
+    both text-metric blocks empty (None per task): validation during training reports no text metric, and
+    METEOR's Java start-up and WordNet's loading would cost it seconds."""
     if not predictions:
         raise ValueError("no prediction records to evaluate")
+    vocabulary = grammar.vocabulary
+    predictions = [p.in_vocabulary(vocabulary) for p in predictions]
     by_task: dict[str, list[Prediction]] = {t: [] for t in TASKS}
     seen: dict[str, dict[str, Prediction]] = {}
     for p in predictions:
@@ -591,8 +636,9 @@ def compute_metrics(predictions: Sequence[Prediction], thresholds: Sequence[floa
         seen[p.image_id][p.task] = p
         by_task[p.task].append(p)
     finding_source = [tasks.get("vqa") or tasks["identify"] for tasks in seen.values()]
-    images = [_image_boxes(r) for r in by_task["identify"]]
+    images = [_image_boxes(r, grammar) for r in by_task["identify"]]
     localisation = bool(images)
+    local = vocabulary.local_labels
     return {
         "schema": 1,
         "counts": {
@@ -604,16 +650,17 @@ def compute_metrics(predictions: Sequence[Prediction], thresholds: Sequence[floa
         },
         "thresholds": [_key(t) for t in thresholds],
         "reference": {
-            "classification": _classification_family(by_task, finding_source, strict=False),
-            "localisation": reference_accuracy(images, thresholds) if localisation else None,
+            "classification": _classification_family(by_task, finding_source, grammar, strict=False),
+            "localisation": reference_accuracy(images, local, thresholds) if localisation else None,
             "text": _text_block(by_task, reference_text.text_metrics) if text else dict.fromkeys(by_task),
         },
         "strict": {
-            "classification": _classification_family(by_task, finding_source, strict=True),
-            "localisation": strict_boxes(images, thresholds) if localisation else None,
-            "map": coco_map(images) if localisation else None,
-            "kaggle_map": kaggle_map(images) if localisation else None,
+            "classification": _classification_family(by_task, finding_source, grammar, strict=True),
+            "localisation": strict_boxes(images, local, thresholds) if localisation else None,
+            "map": coco_map(images, local) if localisation else None,
+            "kaggle_map": kaggle_map(images, local) if localisation else None,
         },
         "text": _text_block(by_task, text_metrics) if text else dict.fromkeys(by_task),
-        "parse": {"all": parse_stats(predictions), **{t: parse_stats(rs) for t, rs in by_task.items()}},
+        "parse": {"all": parse_stats(predictions, grammar),
+                  **{t: parse_stats(rs, grammar) for t, rs in by_task.items()}},
     }

@@ -8,8 +8,9 @@ the same generation as `litegpt evaluate`. A DICOM whose header claims more than
 refused before it is decoded (PNG/JPEG inputs have Pillow's own MAX_IMAGE_PIXELS). Boxes are given
 normalised (0..1, as the model says them) and in the ORIGINAL image's pixels (`box_px`, what a viewer
 needs to draw them on the DICOM), each with a confidence: the mean probability of the tokens that wrote
-it (`inference.box_scores`). JSON goes to stdout and nothing else does; the overlay (the converted image
-with the boxes) beside the input.
+it (`inference.box_scores`). Labels are the export's vocabulary's (the stage's grammar parses the text;
+diagnoses come in its vocabulary's order). JSON goes to stdout and nothing else does; the overlay (the
+converted image with the boxes) beside the input.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from litegpt.data.dicom import MAX_PIXELS, ConvertConfig, ConvertedImage, DicomE
 from litegpt.data.inspection import draw_boxes
 from litegpt.eval import inference
 from litegpt.eval.inference import Decoding, TrainedStage
-from litegpt.grammar import TASKS, parse
-from litegpt.labels import GLOBAL_LABELS
+from litegpt.grammar import TASKS
 from litegpt.model.config import ConfigError, Visual
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -49,8 +49,9 @@ def predict(model, stage: TrainedStage, image: ConvertedImage, tasks: Sequence[s
     labels: set[str] = set()
     for task in tasks:
         (generation,) = inference.generate(model, stage, task, ["input"], [pixels], Visual.LIVE, decoding, chunk=0)
-        parsed = parse(generation.text)
-        for (label, box), confidence in zip(parsed.findings, inference.box_scores(model.tokenizer, generation)):
+        parsed = stage.grammar.parse(generation.text)
+        scores = inference.box_scores(model.tokenizer, generation, stage.grammar)
+        for (label, box), confidence in zip(parsed.findings, scores):
             norm = [v / 100 for v in box]
             scale = (image.cols, image.rows, image.cols, image.rows)
             result["findings"].append({"label": label, "box_norm": norm,
@@ -59,7 +60,7 @@ def predict(model, stage: TrainedStage, image: ConvertedImage, tasks: Sequence[s
         labels.update(parsed.labels)
         result["text"][task] = generation.text
         result["unparsed"] += [{"task": task, "fragment": f} for f in parsed.unparsed]
-    result["diagnoses"] = [g for g in GLOBAL_LABELS if g in labels]
+    result["diagnoses"] = [g for g in stage.grammar.vocabulary.global_labels if g in labels]
     return result
 
 

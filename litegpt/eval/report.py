@@ -2,6 +2,7 @@
 
 Every table puts the authors' definitions (`reference`, comparable with the paper) next to the stricter
 ones (`strict`), so a reader sees how much of a number comes from the metric rather than the model.
+The per-label tables list the labels of the grammar's vocabulary, the one the metrics were computed with.
 Overlays follow the paper's Figure 3: predicted boxes red, ground truth green, each with its label.
 """
 
@@ -16,15 +17,16 @@ import numpy as np
 from PIL import Image
 
 from litegpt.data.inspection import draw_boxes
-from litegpt.eval.metrics import FINDING_NAMES, Prediction
-from litegpt.grammar import parse
-from litegpt.labels import GLOBAL_LABELS, LOCAL_LABELS
+from litegpt.eval.metrics import Prediction, finding_names
+from litegpt.grammar import Grammar
+from litegpt.labels import Vocabulary
 
 PREDICTED_COLOUR = (255, 0, 0)
 TRUTH_COLOUR = (0, 255, 0)
 OVERLAYS = 8
 FAMILIES = {"reference": "reference (authors' rules)", "strict": "strict"}
 AVERAGES = ("micro avg", "macro avg", "weighted avg", "samples avg")
+FINDING_SLUGS = ("finding", "no_finding")  # the finding report's scalars, whatever the no-finding label is called
 TEXT_BLOCKS = {
     "reference": "reference (authors' definitions, as the paper's Tables 4-5)",
     "ours": "ours (PTB-style words, no stemming, Java METEOR)",
@@ -59,18 +61,26 @@ def _report(metrics: dict, family: str, scope: str) -> dict | None:
     return metrics[family]["classification"][scope]
 
 
-def _table1(metrics: dict) -> list[str]:
-    header = ["Metrics", *(f"{m} {n} (%)" for m in ("Precision", "Recall", "F1") for n in FINDING_NAMES)]
+def _no_diseases(vocabulary: Vocabulary) -> list[str]:
+    """A note for a vocabulary whose only global label is the no-finding one."""
+    if vocabulary.diseases:
+        return []
+    return [f"The vocabulary {vocabulary.name!r} has no global diseases: the global classification (`vqa`) is "
+            f"finding / no-finding only, its one label {vocabulary.no_finding!r}.", ""]
+
+
+def _table1(metrics: dict, names: Sequence[str]) -> list[str]:
+    header = ["Metrics", *(f"{m} {n} (%)" for m in ("Precision", "Recall", "F1") for n in names)]
     rows = []
     for family, title in FAMILIES.items():
         report = _report(metrics, family, "finding")
         if report is not None:
             keys = ("precision", "recall", "f1-score")
-            rows.append([title, *(_pct(report[n][k]) for k in keys for n in FINDING_NAMES)])
-    return ["## Table 1. Finding / No finding", "", *_table(header, rows)]
+            rows.append([title, *(_pct(report[n][k]) for k in keys for n in names)])
+    return [f"## Table 1. {' / '.join(names)}", "", *_table(header, rows)]
 
 
-def _table2(metrics: dict) -> list[str]:
+def _table2(metrics: dict, vocabulary: Vocabulary) -> list[str]:
     header = ["Metrics", "Labels", *(f"F1 {a} (%)" for a in AVERAGES)]
     rows = []
     for family, title in FAMILIES.items():
@@ -83,6 +93,7 @@ def _table2(metrics: dict) -> list[str]:
         "",
         "The paper reports one F1 (60% for its best model) without saying which average; all four are given.",
         "",
+        *_no_diseases(vocabulary),
         *_table(header, rows),
     ]
 
@@ -131,7 +142,8 @@ def _text_table(metrics: dict, task: str, number: int, title: str) -> list[str]:
     return lines + notes + ([""] if notes else [])
 
 
-def _per_label_table(metrics: dict, scope: str, names: Sequence[str], title: str) -> list[str]:
+def _per_label_table(metrics: dict, scope: str, names: Sequence[str], title: str,
+                     note: Sequence[str] = ()) -> list[str]:
     reports = {family: _report(metrics, family, scope) for family in FAMILIES}
     if reports["reference"] is None:
         return [f"## {title}", "", "No records.", ""]
@@ -141,10 +153,10 @@ def _per_label_table(metrics: dict, scope: str, names: Sequence[str], title: str
         [row, *(f"{reports[f][row][k]:.2f}" for f in FAMILIES for k in keys), int(reports["reference"][row]["support"])]
         for row in (*names, *AVERAGES)
     ]
-    return [f"## {title}", "", *_table(header, rows)]
+    return [f"## {title}", "", *note, *_table(header, rows)]
 
 
-def _localisation_per_class(metrics: dict) -> list[str]:
+def _localisation_per_class(metrics: dict, labels: Sequence[str]) -> list[str]:
     ref, strict, ap = metrics["reference"]["localisation"], metrics["strict"]["localisation"], metrics["strict"]["map"]
     if ref is None:
         return []
@@ -154,7 +166,7 @@ def _localisation_per_class(metrics: dict) -> list[str]:
               *(f"strict {k}@{t}" for t in ts for k in ("P", "R")), f"AP@{ap['iou']:g}",
               f"Kaggle AP@{kaggle['iou']:g}"]
     rows = []
-    for label in LOCAL_LABELS:
+    for label in labels:
         s = strict["per_class"][label]
         rows.append([
             label, s["gt_boxes"], s["pred_boxes"], *(_pct(ref["per_class"][label][t]) for t in ts),
@@ -174,23 +186,25 @@ def _parse_section(metrics: dict) -> list[str]:
     return lines
 
 
-def overlay(image: Image.Image, record: Prediction) -> Image.Image:
+def overlay(image: Image.Image, record: Prediction, grammar: Grammar) -> Image.Image:
     """The image with ground-truth boxes in green and predicted boxes in red, each labelled (paper Figure 3)."""
     truth = [(f["label"], f["box"]) for f in record.gt_findings]
-    predicted = [(label, [v / 100 for v in box]) for label, box in parse(record.output).findings]
+    predicted = [(label, [v / 100 for v in box]) for label, box in grammar.parse(record.output).findings]
     return draw_boxes(draw_boxes(image, truth, colour=TRUTH_COLOUR), predicted, colour=PREDICTED_COLOUR)
 
 
 def write_overlays(
-    predictions: Sequence[Prediction], images: Callable[[str], Image.Image], out_dir: Path, count: int = OVERLAYS
+    predictions: Sequence[Prediction], grammar: Grammar, images: Callable[[str], Image.Image], out_dir: Path,
+    count: int = OVERLAYS,
 ) -> list[Path]:
     """`out_dir/<image_id>.png` for the first `count` identify records with a predicted or true box."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    chosen = [p for p in predictions if p.task == "identify" and (p.gt_findings or parse(p.output).findings)][:count]
+    chosen = [p for p in predictions
+              if p.task == "identify" and (p.gt_findings or grammar.parse(p.output).findings)][:count]
     paths = []
     for record in chosen:
         path = out_dir / f"{record.image_id}.png"
-        overlay(images(record.image_id), record).save(path)
+        overlay(images(record.image_id), record, grammar).save(path)
         paths.append(path)
     return paths
 
@@ -199,22 +213,26 @@ def write_report(
     metrics: dict,
     predictions: Sequence[Prediction],
     out_dir: Path,
+    grammar: Grammar,
     images: Callable[[str], Image.Image] | None = None,
     overlays: int = OVERLAYS,
 ) -> ReportFiles:
-    """`out_dir/report.md` with the paper's tables, and `out_dir/overlays/` when `images` is given."""
+    """`out_dir/report.md` with the paper's tables, and `out_dir/overlays/` when `images` is given; `grammar` is
+    the one `metrics` were computed with (its labels head the tables, its parser reads the overlays' boxes)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    counts = metrics["counts"]
+    counts, vocabulary = metrics["counts"], grammar.vocabulary
+    names = finding_names(vocabulary)
     lines = [
         "# Evaluation report",
         "",
         f"{counts['records']} records over {counts['images']} images: {counts['identify']} `identify`, "
-        f"{counts['vqa']} `vqa`. Finding / No finding from: "
-        + ", ".join(f"{n} `{task}`" for task, n in counts["finding_from"].items()) + ".",
+        f"{counts['vqa']} `vqa`. {' / '.join(names)} from: "
+        + ", ".join(f"{n} `{task}`" for task, n in counts["finding_from"].items()) + ". Labels: the vocabulary "
+        f"{vocabulary.describe()}.",
         "",
-        ("*reference*: the authors' evaluation (label = lower-cased name found as a substring, so \"mild\" "
-         "counts as ILD; Accuracy@t counts a ground-truth box as found when any predicted box of its class has "
+        ("*reference*: the authors' evaluation (label = lower-cased name found as a substring, even inside a longer "
+         "word; Accuracy@t counts a ground-truth box as found when any predicted box of its class has "
          "IoU > t, with no penalty for extra boxes). *strict*: whole-word labels from the grammar; boxes matched "
          "one to one (IoU >= t); mAP from COCOeval, beside the Kaggle VinBigData VOC AP. Text metrics (Tables 4-5) "
          "in two blocks: *reference*, the authors' definitions (stemmed ROUGE on nltk sentences with `<p>` tags kept, "
@@ -222,17 +240,18 @@ def write_report(
          "the paper's Tables 4-5 were computed; *ours*, boxes and tags stripped, coco-caption BLEU/METEOR/CIDEr on "
          "lower-case words. Numbers in %, CIDEr excepted."),
         "",
-        *_table1(metrics),
-        *_table2(metrics),
+        *_table1(metrics, names),
+        *_table2(metrics, vocabulary),
         *_table3(metrics),
         *_text_table(metrics, "identify", 4, "localisation task (`identify`)"),
         *_text_table(metrics, "vqa", 5, "classification task (`vqa`)"),
-        *_per_label_table(metrics, "local", LOCAL_LABELS, "Local labels (as Tables 8-10)"),
-        *_per_label_table(metrics, "global", GLOBAL_LABELS, "Global labels (as Tables 11-13)"),
-        *_localisation_per_class(metrics),
+        *_per_label_table(metrics, "local", vocabulary.local_labels, "Local labels (as Tables 8-10)"),
+        *_per_label_table(metrics, "global", vocabulary.global_labels, "Global labels (as Tables 11-13)",
+                          _no_diseases(vocabulary)),
+        *_localisation_per_class(metrics, vocabulary.local_labels),
         *_parse_section(metrics),
     ]
-    paths = write_overlays(predictions, images, out_dir / "overlays", overlays) if images is not None else []
+    paths = write_overlays(predictions, grammar, images, out_dir / "overlays", overlays) if images is not None else []
     if paths:
         lines += ["## Overlays (red: predicted, green: ground truth)", ""]
         lines += [f"![{p.stem}](overlays/{p.name})" for p in paths] + [""]
@@ -251,10 +270,10 @@ def scalars(metrics: dict) -> dict[str, float]:
     out: dict[str, float | None] = {}
     for family in FAMILIES:
         finding = _report(metrics, family, "finding")
-        if finding is not None:
-            for name in FINDING_NAMES:
+        if finding is not None:  # its first two rows: finding, and the vocabulary's no-finding label
+            for slug, name in zip(FINDING_SLUGS, finding):
                 for k in ("precision", "recall", "f1-score"):
-                    out[f"{family}/{_slug(name)}/{k.replace('-score', '')}"] = finding[name][k]
+                    out[f"{family}/{slug}/{k.replace('-score', '')}"] = finding[name][k]
         for scope in ("global", "local"):
             report = _report(metrics, family, scope)
             if report is not None:

@@ -4,7 +4,8 @@ split and greedy generations on its first images, scored by `litegpt evaluate`'s
 train.py builds a `Validator` from the recipe (a `ValidationPlan`: this layer does not read training code)
 and the trainer calls it every `eval.every` optimizer steps and at the end of the stage, on every rank in
 step. Its figures are named as `litegpt evaluate` names them (`report.scalars`), so the `val/` curves of a
-run and the `eval/` figures of an evaluation of its export compare directly.
+run and the `eval/` figures of an evaluation of its export compare directly. Its text (prompts, targets,
+parsing, labels) is the shard set's grammar, the one the stage trains on and its export records.
 
 The same figures on any world size, and after a resume:
 - the validation samples (image x task, images in shard order) are cut into chunks of `batch`; rank r
@@ -37,13 +38,14 @@ import torch
 import torch.distributed as dist
 
 from litegpt.data.integrity import verify_shard_set
-from litegpt.data.shards import iter_tar, read_samples
+from litegpt.data.shards import MANIFEST, iter_tar, read_manifest, read_samples
 from litegpt.data.splits import Holdout
 from litegpt.eval.inference import PRESETS, TrainedStage, box_scores, generate
 from litegpt.eval.metrics import Prediction, compute_metrics
 from litegpt.eval.report import scalars
 from litegpt.features import open_cache, visual_decoder
-from litegpt.grammar import render_answer
+from litegpt.grammar import Grammar
+from litegpt.labels import VocabularyError
 from litegpt.model.config import ConfigError, ModelConfig, Visual
 from litegpt.model.inputs import IGNORE_INDEX, TrainSample
 
@@ -76,8 +78,12 @@ class Validator:
     def __init__(self, plan: ValidationPlan, model_cfg: ModelConfig, rank: int, world_size: int):
         """Lists the validation images; a ConfigError when there are none."""
         self.plan, self.model_cfg, self.rank, self.world_size = plan, model_cfg, rank, world_size
-        self.stage = TrainedStage(plan.stage_dir, {"tasks": list(plan.tasks), "task_token": plan.task_token},
-                                  model_cfg, plan.task_token)
+        try:
+            grammar = Grammar.from_record(read_manifest(plan.shards))
+        except VocabularyError as exc:
+            raise ConfigError(f"{plan.shards / MANIFEST}: {exc}") from None
+        info = {"tasks": list(plan.tasks), "task_token": plan.task_token, **grammar.to_dict()}
+        self.stage = TrainedStage(plan.stage_dir, info, model_cfg, plan.task_token, grammar)
         self.images = validation_images(plan.shards, plan.holdout, plan.findings_only)
         if not self.images:
             held = (f"split {plan.holdout.split!r}" if plan.holdout.fraction is None else
@@ -114,7 +120,8 @@ class Validator:
         table = torch.zeros((len(self.loss_chunks), 2), dtype=torch.float64, device=device)
         for c in self._mine(self.loss_chunks):
             samples = [TrainSample(f"{self.images[i]['image_id']}/{task}", self.stage.prompt(task),
-                                   render_answer(task, self.images[i]), decode(self._raw[i]), self.plan.visual)
+                                   self.stage.grammar.answer(task, self.images[i]), decode(self._raw[i]),
+                                   self.plan.visual)
                        for i, task in self.loss_chunks[c]]
             batch = model.inputs.train_batch(samples).to(device)
             tokens = (batch.labels[:, 1:] != IGNORE_INDEX).sum()  # what the causal-LM loss averages over
@@ -138,7 +145,7 @@ class Validator:
         if self.rank == 0:
             by_chunk = {c: p for part in parts for c, p in part.items()}
             values = scalars(compute_metrics([p for c in range(len(self.generation_chunks)) for p in by_chunk[c]],
-                                              text=False))
+                                              self.stage.grammar, text=False))
             figures = [{name: values[name] for name in SCORED if name in values}]
         if self.world_size > 1:
             dist.broadcast_object_list(figures, src=0)
@@ -152,8 +159,9 @@ class Validator:
         for task in self.plan.tasks:
             generations = generate(model, self.stage, task, [m["image_id"] for m in metas], visual, self.plan.visual,
                                    GREEDY, chunk)
-            out += [Prediction(meta["image_id"], task, gen.text, render_answer(task, meta), meta["findings"],
-                               meta["diagnoses"], gen.probs, box_scores(model.tokenizer, gen))
+            grammar = self.stage.grammar
+            out += [Prediction(meta["image_id"], task, gen.text, grammar.answer(task, meta), meta["findings"],
+                               meta["diagnoses"], gen.probs, box_scores(model.tokenizer, gen, grammar))
                     for meta, gen in zip(metas, generations)]
         return out
 

@@ -10,6 +10,7 @@ import json
 import math
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from litegpt.data.shards import MANIFEST, read_manifest, read_samples, shard_pat
 from litegpt.distributed import ExitCode, Preemption, free_port
 from litegpt.files import write_json_atomic
 from litegpt.grammar import Grammar, TaskTemplate
-from litegpt.labels import VINDR_CXR, Vocabulary, VocabularyMismatch
+from litegpt.labels import VINDR_CXR, Vocabulary, VocabularyError, VocabularyMismatch
 from litegpt.model.config import ConfigError, Visual
 from litegpt.model.inputs import IGNORE_INDEX, Batch
 from litegpt.train.checkpoint import Checkpointer, ResumeError
@@ -42,6 +43,7 @@ from litegpt.train.config import (
     TrainSection,
     check_inputs,
     data_record,
+    stage_grammar,
 )
 from litegpt.train.monitor import FlopModel, Monitor
 from litegpt.train.stream import TrainStream
@@ -479,6 +481,13 @@ def test_the_stream_renders_its_shard_sets_labels_and_sentences(tmp_path, make_s
         ("[INST] <Img><ImageHere></Img> [vqa] Which of Fibrosis, COPD, or No Finding apply? [/INST]",
          "Diagnoses: COPD."),
     ]
+
+
+def test_a_vocabulary_that_cannot_be_used_is_named_by_its_manifest(tmp_path, make_shards):
+    shards = make_shards(tmp_path / "shards", {"train": [2]})
+    write_json_atomic(shards / MANIFEST, {**read_manifest(shards), "vocabulary": {"name": "x", "local_labels": []}})
+    with pytest.raises(VocabularyError, match="^" + re.escape(f"{shards / MANIFEST}: ") + ".*no local labels"):
+        stage_grammar(TrainConfig(model="unused.yaml", data=DataSection(shards=str(shards))))
 
 
 def test_a_checkpoint_refuses_another_vocabulary_and_one_that_records_none_is_vindr(tmp_path, make_shards):

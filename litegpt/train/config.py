@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from litegpt.data.shards import read_manifest
+from litegpt.data.shards import MANIFEST, read_manifest
 from litegpt.data.splits import Holdout, choose_holdout
 from litegpt.grammar import TASKS, Grammar
-from litegpt.labels import Vocabulary
+from litegpt.labels import VocabularyError
 from litegpt.model.config import ConfigError, ModelConfig, Visual, build_dataclass, load_model_config, parse_yaml
 
 
@@ -292,27 +292,35 @@ def check_inputs(cfg: TrainConfig) -> None:
     manifest = read_manifest(Path(cfg.data.shards))
     if cfg.data.split not in manifest["splits"] or manifest["splits"][cfg.data.split]["samples"] == 0:
         raise ValueError(f"{cfg.data.shards}: no samples in split {cfg.data.split!r}")
-    grammar = stage_grammar(cfg)
     if cfg.stage.init_from:
         export = Path(cfg.stage.init_from)
-        # the files litegpt.model.export writes (its module needs torch, which is not loaded yet)
-        if not (export / "projector.safetensors").is_file() or not (export / "export.json").is_file():
+        info_path = export / "export.json"  # with projector.safetensors, what litegpt.model.export (torch) writes
+        if not (export / "projector.safetensors").is_file() or not info_path.is_file():
             raise ValueError(f"stage.init_from = {export}: no export there; train the previous stage first (its "
                              "export is written to <run.dir>/<stage>/export when it ends, and to "
                              "<run.dir>/<stage>/export-best whenever a validation improves eval.best)")
         try:
-            info = json.loads((export / "export.json").read_text())
+            info = json.loads(info_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{export / 'export.json'}: not valid JSON ({exc})") from None
-        Vocabulary.of_manifest(info).require_same(grammar.vocabulary, f"stage.init_from = {export}",
-                                                  f"the shard set {cfg.data.shards}")
+            raise ValueError(f"{info_path}: not valid JSON ({exc})") from None
+        _recorded(info, info_path).vocabulary.require_same(
+            _recorded(manifest, Path(cfg.data.shards) / MANIFEST).vocabulary, f"stage.init_from = {export}",
+            f"the shard set {cfg.data.shards}")
     validation_holdout(cfg)
 
 
 def stage_grammar(cfg: TrainConfig) -> Grammar:
     """The text the stage trains on: its shard set's label vocabulary and task template, as `litegpt prepare`
     recorded them in manifest.json (sets prepared before they were recorded: VinDr-CXR, the paper's text)."""
-    return Grammar.from_record(read_manifest(Path(cfg.data.shards)))
+    return _recorded(read_manifest(Path(cfg.data.shards)), Path(cfg.data.shards) / MANIFEST)
+
+
+def _recorded(record: dict, path: Path) -> Grammar:
+    """The grammar a manifest.json or export.json records; one that cannot be used is named by its file."""
+    try:
+        return Grammar.from_record(record)
+    except VocabularyError as exc:
+        raise VocabularyError(f"{path}: {exc}") from None
 
 
 def validation_holdout(cfg: TrainConfig) -> Holdout | None:
@@ -340,4 +348,4 @@ def data_record(cfg: TrainConfig) -> dict:
     return {"shards": hashlib.sha256(json.dumps(shards).encode()).hexdigest(), "split": cfg.data.split,
             "tasks": list(cfg.stage.tasks), "findings_only": cfg.stage.findings_only,
             "preparation": manifest.get("params", {}), "validation": None if holdout is None else holdout.record(),
-            **Grammar.from_record(manifest).to_dict()}
+            **_recorded(manifest, Path(cfg.data.shards) / MANIFEST).to_dict()}

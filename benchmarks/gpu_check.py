@@ -199,13 +199,13 @@ def generation(model_yaml: Path, export_stage: Path, shards: Path, plan: Plan) -
     """Samples/s of greedy generation with the trained export at each batch size (EOS suppressed: equal work)."""
     from litegpt.eval.inference import load_model, load_stage
     from litegpt.features import open_cache
-    from litegpt.grammar import render_prompt
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(load_stage(export_stage), with_encoders=False, device=device)
+    stage = load_stage(export_stage)
+    model = load_model(stage, with_encoders=False, device=device)
     cache = open_cache(shards, load_model_config(model_yaml).vision)
     features = [f for _, _, f in cache.samples("train")][: 2 * max(plan.generation)]
-    prompt = render_prompt("identify")
+    prompt = stage.grammar.prompt("identify")
     seconds(model, features[: plan.generation[-1]], prompt, plan.generation[-1], 2, device)  # warm-up
     return {f"batch_{b}_samples_per_s": len(features) / seconds(model, features, prompt, b, plan.new_tokens, device)
             for b in plan.generation}

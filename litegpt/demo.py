@@ -152,12 +152,13 @@ def comparison(model: dict[str, dict], baseline: dict) -> str:
 
 
 def write_baseline(shards: Path, out: Path) -> dict:
-    """Fit the prior on the train split, answer the test split, score it; writes predictions and metrics."""
-    from litegpt.eval.baseline import fit_prior, prior_predictions, split_json
+    """Fit the prior on the train split, answer the test split, score it in the shards' grammar; writes
+    predictions and metrics."""
+    from litegpt.eval.baseline import baseline
     from litegpt.eval.metrics import compute_metrics, write_predictions
 
-    predictions = prior_predictions(fit_prior(split_json(shards, "train")), split_json(shards, "test"))
-    metrics = compute_metrics(predictions)
+    grammar, predictions = baseline(shards)
+    metrics = compute_metrics(predictions, grammar)
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(out / "predictions.jsonl", predictions)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -19,8 +19,8 @@ import pytest
 from litegpt.data.shards import read_manifest
 from litegpt.eval.baseline import fit_prior, prior_predictions, split_json
 from litegpt.eval.metrics import compute_metrics
-from litegpt.grammar import parse, quantize_box
-from litegpt.labels import GLOBAL_LABELS, LOCAL_LABELS
+from litegpt.grammar import Grammar, quantize_box
+from litegpt.labels import VINDR_CXR
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,8 +45,9 @@ def test_prior_by_hand():
     assert prior.findings[0][1] == pytest.approx([0.175, 0.2, 0.375, 0.475])
     # Pneumonia is in 2 of 5 images and no label is in more than half: the most frequent one alone.
     assert prior.diagnoses == ("Pneumonia",)
-    assert parse(prior.answer("identify")).findings == [("Cardiomegaly", (18, 20, 38, 48))]
-    assert parse(prior.answer("vqa")).labels == ["Pneumonia"]
+    vindr = Grammar(VINDR_CXR)
+    assert vindr.parse(prior.answer("identify", vindr)).findings == [("Cardiomegaly", (18, 20, 38, 48))]
+    assert vindr.parse(prior.answer("vqa", vindr)).labels == ["Pneumonia"]
 
     no_finding_majority = fit_prior([*train, *(image(5 + i, [], ["No finding"]) for i in range(4))])
     assert no_finding_majority.diagnoses == ("No finding",)  # 5 of 9
@@ -56,10 +57,11 @@ def test_prior_by_hand():
 
 def test_prior_matches_the_manifest_counts(prepared):
     """Label frequencies from prepare's manifest (an independent count), boxes from the sample json."""
-    stats = read_manifest(prepared)["splits"]["train"]
+    manifest = read_manifest(prepared)
+    stats, vocabulary = manifest["splits"]["train"], Grammar.from_record(manifest).vocabulary
     train = list(split_json(prepared, "train"))
     n_findings = stats["images_with_findings"]
-    local = {k: v for k, v in stats["images"].items() if k in LOCAL_LABELS}
+    local = {k: v for k, v in stats["images"].items() if k in vocabulary.local_labels}
     expected = sorted(k for k, v in local.items() if 2 * v > n_findings) or [max(local, key=local.get)]
     prior = fit_prior(train)
     assert sorted(label for label, _ in prior.findings) == expected
@@ -67,7 +69,7 @@ def test_prior_matches_the_manifest_counts(prepared):
         boxes = [f["box"] for s in train for f in s["findings"] if f["label"] == label]
         assert len(boxes) == stats["boxes"][label]
         assert box == pytest.approx(np.mean(boxes, axis=0).tolist())
-    diagnoses = {k: v for k, v in stats["images"].items() if k in GLOBAL_LABELS}
+    diagnoses = {k: v for k, v in stats["images"].items() if k in vocabulary.global_labels}
     expected = (sorted(k for k, v in diagnoses.items() if 2 * v > stats["samples"])
                 or [max(diagnoses, key=diagnoses.get)])
     assert sorted(prior.diagnoses) == expected
@@ -75,11 +77,11 @@ def test_prior_matches_the_manifest_counts(prepared):
 
 def test_baseline_scores_like_a_model(prepared):
     """The records go through compute_metrics; local micro-F1 recomputed by hand from the test json."""
-    prior = fit_prior(split_json(prepared, "train"))
+    prior, grammar = fit_prior(split_json(prepared, "train")), Grammar.from_record(read_manifest(prepared))
     test = list(split_json(prepared, "test"))
-    records = prior_predictions(prior, test)
+    records = prior_predictions(prior, test, grammar)
     assert len(records) == 2 * len(test) and {r.task for r in records} == {"identify", "vqa"}
-    metrics = compute_metrics(records)
+    metrics = compute_metrics(records, grammar)
     said = {label for label, _ in prior.findings}
     truth = [{f["label"] for f in s["findings"]} for s in test]
     tp = sum(len(said & t) for t in truth)

@@ -405,3 +405,5 @@ def test_image_file_inputs(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(DicomError, match="bad.png"):
         convert_image_file(tmp_path / "bad.png")
+    with pytest.raises(DicomError, match=r"grey.png: 1200 x 1500 pixels, more than the limit of 1,000,000"):
+        convert_image_file(tmp_path / "grey.png", max_pixels=1_000_000)  # from the header, before decoding

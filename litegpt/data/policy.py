@@ -1,6 +1,6 @@
 """Label policy: from several radiologists' annotations of one image to the one set of labels we train on.
 
-Paper 4.2: images where raters conflict (one says `No finding`, another gives findings) are removed
+Paper 4.2: images where raters conflict (one finds nothing, another gives findings) are removed
 (`drop`, the default). `union` is what the authors' code does; `majority` keeps a label when most raters
 gave it. Overlapping boxes of one class (IoU > threshold) become one representative box. Consensus
 labels (PhysioNet test split) are taken as given.

@@ -72,7 +72,7 @@ class PrepareConfig:
     overwrite: bool = False  # replace a complete set made with other parameters
     format: str = "vindr"
     vocabulary: Vocabulary | None = None  # None: VinDr-CXR's for vindr, inferred from the data for csv/coco
-    no_finding: str | None = None  # the no-finding label of an inferred vocabulary (default "No finding")
+    no_finding: str | None = None  # the no-finding label of an inferred vocabulary (default DEFAULT_NO_FINDING)
     template: TaskTemplate = PAPER_TEMPLATE
     labels_file: Path | None = None  # where `vocabulary` and `template` came from, for the rebuild hint
     template_file: Path | None = None

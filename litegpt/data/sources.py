@@ -98,7 +98,7 @@ def read_dataset(root: Path, fmt: str = "vindr", *, layout: str = "auto", holdou
     """All images of a dataset root in format `fmt` (vindr: `layout` auto, physionet or kaggle).
 
     `vocabulary` None means VinDr-CXR's for vindr and the one inferred from the annotations for csv/coco
-    (its no-finding label `no_finding`, default "No finding"); with a vocabulary, `no_finding` is unused.
+    (its no-finding label `no_finding`, default `DEFAULT_NO_FINDING`); with a vocabulary, `no_finding` is unused.
     """
     from litegpt.data import box_csv, coco  # they build on this module's record types
 

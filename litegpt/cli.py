@@ -13,7 +13,7 @@ import sys
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("litegpt.data.synth", "write a synthetic dataset: VinDr-CXR (PhysioNet or Kaggle layout), a box CSV or COCO"),
-    "prepare": ("litegpt.data.prepare", "convert a VinDr-CXR root (PhysioNet or Kaggle layout) into WebDataset shards"),
+    "prepare": ("litegpt.data.prepare", "convert a dataset root (VinDr-CXR, a box CSV or COCO) into WebDataset shards"),
     "inspect": ("litegpt.data.inspection", "summarise a shard set and draw samples with their boxes"),
     "tiny-weights": ("litegpt.model.tiny", "write a model config's random weights and tokenizer in the real on-disk formats"),
     "reduced-weights": ("litegpt.model.reduced", "write a model config at fewer decoder layers, with random weights in the real formats (the paper's shapes on CPU)"),

@@ -22,6 +22,8 @@ import torch
 import yaml
 
 from litegpt.distributed import free_port
+from litegpt.grammar import Grammar
+from litegpt.labels import VINDR_CXR
 
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -104,6 +106,8 @@ def test_both_stages_train_checkpoint_and_export(two_rank_run):
         for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "projector.safetensors",
                      "model.yaml", "export.json"):
             assert (stage_dir / "export" / name).is_file()
+        info = json.loads((stage_dir / "export/export.json").read_text())  # the text it trained on, for inference
+        assert {k: info[k] for k in ("vocabulary", "template")} == Grammar(VINDR_CXR).to_dict()
         assert yaml.safe_load((stage_dir / "config.yaml").read_text())["stage"]["name"] == stage
     first = losses(two_rank_run / "stage1")
     assert first[max(first)] < first[1]  # it learns something

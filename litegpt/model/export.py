@@ -4,9 +4,9 @@
 holds the projector and token-merge weights, `model.yaml` the model config, `export.json` where it came
 from, the text it was trained on (`vocabulary` and `template`, its shard set's `Grammar.to_dict()`; exports
 without them are VinDr-CXR's) and the sha256 of every other file (`files`). Stage 2 starts from stage 1's
-export (on shards of the same vocabulary); `litegpt predict` and `evaluate` load it on the base model. `load_export` checks the hashes first, so a truncated or altered
-file is refused by name instead of failing inside safetensors or, worse, loading garbage. Non-finite
-weights or batch-norm statistics are never exported.
+export (on shards of the same vocabulary); `litegpt predict` and `evaluate` load it on the base model.
+`load_export` checks the hashes first, so a truncated or altered file is refused by name instead of failing
+inside safetensors or, worse, loading garbage. Non-finite weights or batch-norm statistics are never exported.
 """
 
 from __future__ import annotations

@@ -353,8 +353,9 @@ def build_manifest(cfg: PrepareConfig, fingerprint: str, shards: list[dict], dro
         "source": {"root": str(cfg.root), "format": cfg.format, "layout": cfg.layout,
                    "holdout": cfg.holdout if cfg.layout != "physionet" else None,
                    "global_labels": cfg.layout == "physionet" or (cfg.format == "csv" and bool(vocabulary.diseases)),
-                   "labels_file": None if cfg.labels_file is None else str(cfg.labels_file),
-                   "template_file": None if cfg.template_file is None else str(cfg.template_file)},
+                   # the files --labels and --template named, only when given (for the rebuild hint)
+                   **({"labels_file": str(cfg.labels_file)} if cfg.labels_file is not None else {}),
+                   **({"template_file": str(cfg.template_file)} if cfg.template_file is not None else {})},
         "params": cfg.params(),
         "inputs_sha256": fingerprint,
         **Grammar(vocabulary, cfg.template).to_dict(),

@@ -2,8 +2,9 @@
 
 The model is random, so what is checked is plumbing and contracts: one record per sample and task with the
 shard's ground truth, metrics.json equal to an independent recomputation from predictions.jsonl, report,
-overlays and TensorBoard present, greedy and seeded sampling repeatable, 2 ranks = 1 rank, and box
-confidences against a hand computation on the tiny tokenizer's own offsets.
+overlays and TensorBoard present, greedy and seeded sampling repeatable, 2 ranks = 1 rank, box
+confidences against a hand computation on the tiny tokenizer's own offsets, and the export's label
+vocabulary (another than VinDr-CXR's) used throughout and required of the shard set.
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ from pathlib import Path
 
 import pytest
 
-from litegpt import grammar
 from litegpt.cli import main
-from litegpt.data.shards import iter_json, read_manifest
+from litegpt.data.shards import MANIFEST, Sample, iter_json, iter_tar, read_manifest, write_shard
 from litegpt.eval.evaluate import chunk_sizes, merge_parts
 from litegpt.eval.inference import box_scores, token_offsets
 from litegpt.eval.metrics import Prediction, compute_metrics, read_predictions
-from litegpt.grammar import parse, render_answer
+from litegpt.files import write_json_atomic
+from litegpt.grammar import Grammar
+from litegpt.labels import VINDR_CXR, Vocabulary
 from litegpt.model.export import save_export
 from litegpt.model.model import Generation
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT, BATCH, STEP = 6, 4, 7
 TASKS = ("identify", "vqa")
+VINDR = Grammar(VINDR_CXR)
+TOY = Grammar(Vocabulary.build("toy", ["Mass", "Effusion"], ["Fibrosis"]))
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +77,15 @@ def test_one_record_per_sample_and_task_with_the_shards_ground_truth(evaluated, 
         meta = by_id[r.image_id]
         assert r.gt_findings == [{"label": f["label"], "box": f["box"]} for f in meta["findings"]]
         assert r.gt_diagnoses == meta["diagnoses"]
-        assert r.target == render_answer(r.task, meta)
+        assert r.target == VINDR.answer(r.task, meta)
         assert r.token_probs and all(0 < p <= 1 for p in r.token_probs)
-        assert r.box_scores is not None and len(r.box_scores) == len(parse(r.output).findings)
+        assert r.box_scores is not None and len(r.box_scores) == len(VINDR.parse(r.output).findings)
     assert any(r.gt_findings for r in records)  # the check above saw real boxes
 
 
 def test_metrics_json_equals_a_recomputation_from_predictions(evaluated):
     written = json.loads((evaluated / "metrics.json").read_text())
-    recomputed = compute_metrics(read_predictions(evaluated / "predictions.jsonl"))
+    recomputed = compute_metrics(read_predictions(evaluated / "predictions.jsonl"), VINDR)
     assert written == json.loads(json.dumps(recomputed))
     assert written["counts"]["records"] == LIMIT * len(TASKS)
     settings = json.loads((evaluated / "settings.json").read_text())
@@ -98,7 +102,7 @@ def test_report_overlays_and_tensorboard(evaluated, stage):
     assert "Table 1." in report and "Table 3." in report
     overlays = sorted((evaluated / "overlays").glob("*.png"))
     records = [r for r in read_predictions(evaluated / "predictions.jsonl") if r.task == "identify"]
-    assert len(overlays) == sum(bool(r.gt_findings or parse(r.output).findings) for r in records) > 0
+    assert len(overlays) == sum(bool(r.gt_findings or VINDR.parse(r.output).findings) for r in records) > 0
     for path in overlays:
         assert Image.open(path).mode == "RGB"
         assert f"](overlays/{path.name})" in report
@@ -150,7 +154,7 @@ def test_authors_preset_honours_its_token_budget(tiny_model):
 
     decoding = PRESETS["authors"]
     visual = [tiny_model.vision.preprocess(Image.new("L", (64, 64), shade)) for shade in (40, 200)]
-    batch = tiny_model.inputs.generation_batch(["a", "b"], [grammar.render_prompt("vqa")] * 2, visual, Visual.LIVE)
+    batch = tiny_model.inputs.generation_batch(["a", "b"], [VINDR.prompt("vqa")] * 2, visual, Visual.LIVE)
     decoding.seed_batch(0, "vqa")
     generations = tiny_model.generate(batch, decoding.max_new_tokens, **decoding.generate_kwargs(),
                                       suppress_tokens=[tiny_model.inputs.eos])
@@ -198,8 +202,8 @@ def test_box_scores_match_a_hand_computation(tiny_model):
         end = start + len(box)
         overlapping = [p for p, (s, e) in zip(probs, reference) if s < end and e > start]
         expected.append(sum(overlapping) / len(overlapping))
-    assert len(parse(text).findings) == 2  # the third box follows no <p> entry: unparsed, not scored
-    assert box_scores(tokenizer, generation) == pytest.approx(expected)
+    assert len(VINDR.parse(text).findings) == 2  # the third box follows no <p> entry: unparsed, not scored
+    assert box_scores(tokenizer, generation, VINDR) == pytest.approx(expected)
     offsets = token_offsets(tokenizer, ids, text)
     ascii_tokens = sum(end <= text.index("é") for _, end in reference)
     assert offsets[:ascii_tokens] == [tuple(r) for r in reference[:ascii_tokens]]
@@ -221,3 +225,73 @@ def test_clear_errors(stage, shards, tmp_path, capsys):
     assert "unknown task" in capsys.readouterr().err
     assert evaluate(stage, shards, "--temperature", "0.5") == 1
     assert "--decoding sample or authors" in capsys.readouterr().err
+
+
+# ---- another label vocabulary -------------------------------------------------------------------------------
+
+RELABEL = {"Cardiomegaly": "Mass", "COPD": "Fibrosis"}  # write_tiny_shards' labels -> TOY's
+
+
+def relabelled(source: Path, out: Path, grammar: Grammar) -> Path:
+    """A copy of a tiny shard set in TOY's labels, its manifest recording `grammar` (as prepare writes it)."""
+    manifest = read_manifest(source)
+    out.mkdir(parents=True)
+    for shard in manifest["shards"]:
+        samples = []
+        for sample in iter_tar(source / shard["name"]):
+            meta = json.loads(sample.members["json"])
+            meta["findings"] = [{**f, "label": RELABEL[f["label"]]} for f in meta["findings"]]
+            meta["diagnoses"] = [RELABEL.get(d, d) for d in meta["diagnoses"]]
+            samples.append(Sample(sample.key, {**sample.members, "json": json.dumps(meta).encode()}))
+        shard["samples"], shard["sha256"] = write_shard(out / shard["name"], samples)
+    write_json_atomic(out / MANIFEST, {**manifest, **grammar.to_dict()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy_stage(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model's export as trained on a shard set in TOY's labels: export.json records its grammar."""
+    directory = tmp_path_factory.mktemp("toy-run") / "stage1"
+    save_export(tiny_model, directory / "export",
+                {"stage": "stage1", "step": STEP, "tasks": list(TASKS), **TOY.to_dict()})
+    return directory
+
+
+def test_the_exports_vocabulary_writes_the_targets_and_reads_the_outputs(toy_stage, tiny_shards, tmp_path, one_thread):
+    shards = relabelled(tiny_shards, tmp_path / "toy-shards", TOY)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--run", str(toy_stage), "--shards", str(shards), "--features", "live",
+                 "--out", str(out), "--overlays", "1", "--max-new-tokens", "8"]) == 0
+    records = read_predictions(out / "predictions.jsonl")
+    metas = {m["image_id"]: m for s in read_manifest(shards)["shards"] if s["split"] == "test"
+             for m in iter_json(shards / s["name"])}
+    assert {r.image_id for r in records} == set(metas) and len(records) == 2 * len(metas)
+    for r in records:
+        assert r.target == TOY.answer(r.task, metas[r.image_id])
+    assert any("Mass" in r.target for r in records) and any("are Fibrosis." in r.target for r in records)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(compute_metrics(records, TOY)))
+    assert list(metrics["strict"]["classification"]["local"])[:2] == ["Mass", "Effusion"]
+    assert list(metrics["strict"]["classification"]["global"])[:2] == ["Fibrosis", "No finding"]
+    assert "Labels: the vocabulary 'toy' (2 local, 2 global labels)." in (out / "report.md").read_text()
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["export"]["vocabulary"] == TOY.vocabulary.to_dict()
+
+
+def test_a_shard_set_with_another_vocabulary_is_refused_naming_both(stage, toy_stage, tiny_shards, tmp_path, capsys):
+    toy_shards = relabelled(tiny_shards, tmp_path / "toy-shards", TOY)
+    for run, shards, theirs in ((stage, toy_shards, TOY), (toy_stage, tiny_shards, VINDR)):
+        mine = VINDR if run == stage else TOY
+        assert main(["evaluate", "--run", str(run), "--shards", str(shards), "--out", str(tmp_path / "no")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"litegpt evaluate: the export {run / 'export'} uses the label vocabulary "
+                              f"{mine.vocabulary.describe()}, but the shard set {shards} uses "
+                              f"{theirs.vocabulary.describe()}; they must be the same")
+        assert not (tmp_path / "no").exists()  # refused before anything ran
+    broken = tmp_path / "broken"
+    shutil.copytree(toy_shards, broken)
+    manifest = read_manifest(broken)
+    write_json_atomic(broken / MANIFEST, {**manifest, "vocabulary": {"name": "toy", "local_labels": []}})
+    assert main(["evaluate", "--run", str(toy_stage), "--shards", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert f"{broken / MANIFEST}: manifest.json vocabulary: vocabulary 'toy': no local labels" in err

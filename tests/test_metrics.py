@@ -18,7 +18,7 @@ from litegpt.grammar import Grammar
 from litegpt.labels import VINDR_CXR, Vocabulary
 
 VINDR = Grammar(VINDR_CXR)
-LOCAL_LABELS, GLOBAL_LABELS = VINDR_CXR.local_labels, VINDR_CXR.global_labels
+VINDR_LOCAL, VINDR_GLOBAL = VINDR_CXR.local_labels, VINDR_CXR.global_labels
 
 L = "Local diseases of this chest radiograph are"
 G = "Global diseases of this chest radiograph are"
@@ -79,8 +79,8 @@ def test_local_labels_reference_takes_substrings_strict_takes_words(classified):
     # "Mild" contains "ild", "edematous" contains "edema": the authors' rule predicts both; whole words do not.
     reference = [{"Cardiomegaly", "ILD"}, {"Edema"}, {"Pleural effusion", "Nodule/Mass"}, set()]
     strict = [{"Cardiomegaly"}, set(), {"Pleural effusion", "Nodule/Mass"}, set()]
-    assert classified["reference"]["classification"]["local"] == sklearn_report(truth, reference, LOCAL_LABELS)
-    assert classified["strict"]["classification"]["local"] == sklearn_report(truth, strict, LOCAL_LABELS)
+    assert classified["reference"]["classification"]["local"] == sklearn_report(truth, reference, VINDR_LOCAL)
+    assert classified["strict"]["classification"]["local"] == sklearn_report(truth, strict, VINDR_LOCAL)
     assert classified["reference"]["classification"]["local"]["ILD"]["precision"] == 0.0
     assert classified["reference"]["classification"]["local"]["micro avg"]["precision"] == pytest.approx(2 / 5)
     assert classified["strict"]["classification"]["local"]["micro avg"]["precision"] == pytest.approx(2 / 3)
@@ -90,8 +90,8 @@ def test_global_labels_and_finding_from_vqa_else_identify(classified):
     truth = [{"Pneumonia"}, {"No finding"}, {"Lung tumor", "Tuberculosis"}]
     reference = [{"Pneumonia", "Other disease"}, {"No finding"}, {"Lung tumor", "Tuberculosis"}]
     strict = [{"Pneumonia", "Other disease"}, {"No finding"}, {"Lung tumor"}]
-    assert classified["reference"]["classification"]["global"] == sklearn_report(truth, reference, GLOBAL_LABELS)
-    assert classified["strict"]["classification"]["global"] == sklearn_report(truth, strict, GLOBAL_LABELS)
+    assert classified["reference"]["classification"]["global"] == sklearn_report(truth, reference, VINDR_GLOBAL)
+    assert classified["strict"]["classification"]["global"] == sklearn_report(truth, strict, VINDR_GLOBAL)
     # a, b, c from their vqa answers; d has only an identify answer, which says "no findings".
     names = ("Finding", "No finding")
     finding = sklearn_report([{"Finding"}, {"No finding"}, {"Finding"}, {"Finding"}],
@@ -409,7 +409,7 @@ def test_kaggle_map_agrees_with_map_boxes_on_random_detections(seed):
     expected, per_class = mean_average_precision_for_boxes(
         np.array(annotations, dtype=object), np.array(detections, dtype=object), iou_threshold=0.4 + 1e-9,
         verbose=False)
-    got = metrics.kaggle_map(images, LOCAL_LABELS)
+    got = metrics.kaggle_map(images, VINDR_LOCAL)
     assert got["per_class"] == pytest.approx({lab: ap for lab, (ap, _) in per_class.items()})
     assert got["map"] == pytest.approx(expected)
     assert 0.05 < got["map"] < 0.95  # neither trivial case

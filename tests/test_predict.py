@@ -1,7 +1,8 @@
 """`litegpt predict` on a real chest radiograph (pydicom's RG1_UNCR.dcm, 1841 x 1955) with a real tiny export.
 
 The random model writes no parseable box, so the geometry test replaces the generated text (only) with a
-known answer written in the tiny tokenizer's tokens and checks pixel boxes and confidences by hand.
+known answer written in the tiny tokenizer's tokens and checks pixel boxes and confidences by hand; so does
+the test of an export trained on another label vocabulary than VinDr-CXR's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pydicom.data import get_testdata_file
 from litegpt.cli import main
 from litegpt.data.inspection import label_colour
 from litegpt.eval import predict
+from litegpt.grammar import Grammar
+from litegpt.labels import Vocabulary
 from litegpt.model.config import Visual
 from litegpt.model.export import save_export
 from litegpt.model.model import Generation
@@ -120,3 +123,30 @@ def test_a_dicom_claiming_too_many_pixels_is_refused_before_decoding(stage, tmp_
     assert code == 1 and out == "" and f"{ROWS} x {COLS}" in err
     code, out, err = run_predict(capsys, str(RADIOGRAPH), "--run", str(stage), "--max-pixels", "0")
     assert code == 2 and out == "" and "--max-pixels must be >= 1" in err
+
+
+def test_labels_are_the_exports_vocabularys(tiny_model, tmp_path, capsys, monkeypatch):
+    """An export trained on another vocabulary: its grammar reads the text, diagnoses come in its order, and a
+    label it does not have (VinDr-CXR's Cardiomegaly) is no finding."""
+    grammar = Grammar(Vocabulary.build("toy", ["Mass", "Effusion"], ["Fibrosis", "Hernia"], no_finding="Normal"))
+    stage = tmp_path / "toy" / "stage2"
+    save_export(tiny_model, stage / "export", {"stage": "stage2", "step": 3, "tasks": ["identify", "vqa"],
+                                               **grammar.to_dict()})
+    texts = {"identify": f"{grammar.template.local_prefix} <p>Mass</p> {{<10><20><50><80>}},"
+                         "<p>Cardiomegaly</p> {<1><2><3><4>}.",
+             "vqa": f"{grammar.template.global_prefix} Hernia, Fibrosis."}
+    prompts = []
+
+    def fake_generate(model, stage, task, keys, visual, source, decoding, chunk):
+        prompts.append(stage.prompt(task))
+        ids = model.tokenizer(texts[task], add_special_tokens=False)["input_ids"]
+        return [Generation(texts[task], ids, model.tokenizer.convert_ids_to_tokens(ids), [0.5] * len(ids))]
+
+    monkeypatch.setattr(predict.inference, "generate", fake_generate)
+    code, out, _ = run_predict(capsys, str(RADIOGRAPH), "--run", str(stage), "--out", str(tmp_path / "o.png"))
+    assert code == 0
+    result = json.loads(out)
+    assert [f["label"] for f in result["findings"]] == ["Mass"]
+    assert result["diagnoses"] == ["Fibrosis", "Hernia"]  # in the vocabulary's order, not the text's
+    assert {"task": "identify", "fragment": "<p>Cardiomegaly</p> {<1><2><3><4>}"} in result["unparsed"]
+    assert prompts[1] == grammar.prompt("vqa") and "Fibrosis, Hernia, or Normal?" in prompts[1]

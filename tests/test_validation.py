@@ -19,7 +19,8 @@ from litegpt.data.shards import iter_json, iter_samples, read_manifest, read_sam
 from litegpt.data.splits import VALIDATION_SPLIT, Holdout, choose_holdout, hash_share
 from litegpt.distributed import free_port
 from litegpt.eval.validation import SCORED, ValidationPlan, Validator
-from litegpt.grammar import render_answer, render_prompt
+from litegpt.grammar import Grammar
+from litegpt.labels import VINDR_CXR
 from litegpt.model.config import ConfigError, Visual
 from litegpt.model.inputs import IGNORE_INDEX, TrainSample
 from litegpt.train.config import VALIDATION_FIGURES, data_record, load_train_config, validation_holdout
@@ -28,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "configs/tiny/stage1.yaml"
 TASKS = ("identify", "vqa")
 BATCH, GENERATE = 4, 5
+VINDR = Grammar(VINDR_CXR)
 
 
 # ---- the split --------------------------------------------------------------------------------------
@@ -178,7 +180,7 @@ def test_the_loss_is_the_token_weighted_mean_over_the_whole_split(tiny_model, ti
             meta = sample["json"]
             for task in TASKS:
                 pixels = tiny_model.vision.preprocess(sample["png"])
-                batch = tiny_model.inputs.train_batch([TrainSample("k", render_prompt(task), render_answer(task, meta),
+                batch = tiny_model.inputs.train_batch([TrainSample("k", VINDR.prompt(task), VINDR.answer(task, meta),
                                                                    pixels, Visual.LIVE)])
                 logits = tiny_model.llm(inputs_embeds=tiny_model._embeds(batch),
                                         attention_mask=batch.attention_mask).logits
@@ -216,6 +218,20 @@ def test_generation_figures_are_those_of_litegpt_evaluate_on_the_same_images(tin
 
     figures = Validator(make_plan(val_shards, tmp_path), tiny_config, 0, 1)(tiny_model, 0)
     assert figures == {"loss": figures["loss"], **expected}
+
+
+def test_the_shard_sets_vocabulary_writes_the_targets_and_scores_the_generations(tiny_model, tiny_config, val_shards,
+                                                                                tmp_path, one_thread):
+    """On a shard set in another vocabulary the validator's grammar is the set's: VinDr-CXR's would refuse its
+    labels (rendering a target, scoring the ground truth)."""
+    from test_evaluate import TOY, relabelled
+
+    shards = relabelled(val_shards, tmp_path / "toy", TOY)
+    validator = Validator(make_plan(shards, tmp_path, generate=2), tiny_config, 0, 1)
+    assert validator.stage.grammar.vocabulary == TOY.vocabulary
+    assert validator.stage.prompt("vqa") == TOY.prompt("vqa")
+    figures = validator(tiny_model, 0)
+    assert {"loss", "parse/all_rate", "strict/local/micro_avg_f1", "strict/global/micro_avg_f1"} <= set(figures)
 
 
 def model_state(model) -> tuple[dict, dict, torch.Tensor]:

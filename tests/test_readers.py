@@ -310,3 +310,13 @@ def test_vindr_params_are_unchanged_by_the_vocabulary(tmp_path):
                                 convert=ConvertConfig(max_side=old["max_side"]),
                                 vocabulary=vocabulary)
             assert cfg.params() == old
+
+
+def test_csv_saved_by_a_spreadsheet_with_a_byte_order_mark_reads_the_same(tmp_path):
+    plain = read_dataset(csv_root(tmp_path / "a" / "mydata", ROWS), "csv")
+    root = csv_root(tmp_path / "b" / "mydata", ROWS)
+    (root / "annotations.csv").write_text("\ufeff" + HEADER + ROWS, encoding="utf-8")
+    again = read_dataset(root, "csv")
+    assert again.vocabulary == plain.vocabulary and again.problems == plain.problems == []
+    assert [(r.image_id, r.split, r.annotations) for r in again.records] == \
+           [(r.image_id, r.split, r.annotations) for r in plain.records]

@@ -99,7 +99,7 @@ def read_box_csv(root: Path, holdout: float, vocabulary: Vocabulary | None, no_f
         name = root.resolve().name or "dataset"
         vocabulary = infer_vocabulary(rows, path, name, no_finding or DEFAULT_NO_FINDING)
     entries: dict[str, ImageEntry] = {}
-    split_line: dict[str, int] = {}
+    first_line: dict[str, int] = {}
     first: dict[tuple, int] = {}
     rater_line: dict[str, tuple[bool, int]] = {}
     for row in rows:
@@ -108,14 +108,14 @@ def read_box_csv(root: Path, holdout: float, vocabulary: Vocabulary | None, no_f
         entry = entries.get(image_id)
         if entry is None:
             entry = entries[image_id] = ImageEntry(image_id, split, root / row.image, path.name)
-            split_line[image_id] = row.line
+            first_line[image_id] = row.line
         elif entry.path != root / row.image:
             raise DatasetError(f"{path} line {row.line}: image {row.image.as_posix()} has the id {image_id} of "
-                               f"{entry.path.relative_to(root).as_posix()} (line {split_line[image_id]}); "
+                               f"{entry.path.relative_to(root).as_posix()} (line {first_line[image_id]}); "
                                "two files may differ in more than their suffix")
         elif entry.split != split:
             raise DatasetError(f"{path} line {row.line}: image {image_id} is in split {split!r} here but "
-                               f"{entry.split!r} on line {split_line[image_id]}")
+                               f"{entry.split!r} on line {first_line[image_id]}")
         if entry.bad is not None:
             continue
         has_rater, earlier = rater_line.setdefault(image_id, (bool(row.rater), row.line))

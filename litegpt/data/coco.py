@@ -64,18 +64,18 @@ def _field(item: Mapping[str, Any], key: str, types: tuple[type, ...], where: st
     return value
 
 
-def _categories(data: dict[str, dict], files: dict[str, Path]) -> dict[int | str, str]:
+def _categories(data: dict[str, dict], files: dict[str, Path]) -> dict[int, str]:
     """Category id -> name, the same in every file, in id order."""
     found: dict[str, dict] = {}
     for split, path in files.items():
-        categories: dict[int | str, str] = {}
+        categories: dict[int, str] = {}
         for index, item in enumerate(data[split]["categories"]):
             where = f"{path} categories[{index}]"
-            cid = _field(item, "id", (int, str), where)
+            cid = _field(item, "id", (int,), where)
             if cid in categories:
                 raise DatasetError(f"{where}: category id {cid!r} is given twice")
             categories[cid] = " ".join(_field(item, "name", (str,), where).split())
-        found[split] = dict(sorted(categories.items(), key=lambda kv: (str(type(kv[0])), kv[0])))
+        found[split] = dict(sorted(categories.items()))
     (first, cats), *others = found.items()
     for split, other in others:
         if other != cats:
@@ -84,7 +84,7 @@ def _categories(data: dict[str, dict], files: dict[str, Path]) -> dict[int | str
     return cats
 
 
-def _labels(categories: dict[int | str, str], vocabulary: Vocabulary, path: Path) -> dict[int | str, str]:
+def _labels(categories: dict[int, str], vocabulary: Vocabulary, path: Path) -> dict[int, str]:
     """Category id -> the vocabulary's local label."""
     labels = {}
     for cid, name in categories.items():

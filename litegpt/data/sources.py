@@ -196,7 +196,7 @@ def read_csv(path: Path, required: tuple[str, ...], as_text: bool = False) -> pd
         raise DatasetError(f"{path}: file not found")
     try:
         dtype = str if as_text else {"image_id": str, "rad_id": str, "rad_ID": str, "class_name": str}
-        frame = pd.read_csv(path, dtype=dtype)
+        frame = pd.read_csv(path, dtype=dtype, encoding="utf-8-sig")  # a spreadsheet's byte order mark is no column
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise DatasetError(f"{path}: not a readable CSV ({exc})") from None
     frame.columns = [str(c).strip() for c in frame.columns]

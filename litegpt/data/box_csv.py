@@ -112,7 +112,7 @@ def read_box_csv(root: Path, holdout: float, vocabulary: Vocabulary | None, no_f
         elif entry.path != root / row.image:
             raise DatasetError(f"{path} line {row.line}: image {row.image.as_posix()} has the id {image_id} of "
                                f"{entry.path.relative_to(root).as_posix()} (line {first_line[image_id]}); "
-                               "two files may differ in more than their suffix")
+                               "an image's id is its path without the suffix, so two images must differ in more than that")
         elif entry.split != split:
             raise DatasetError(f"{path} line {row.line}: image {image_id} is in split {split!r} here but "
                                f"{entry.split!r} on line {first_line[image_id]}")

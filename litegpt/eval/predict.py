@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"file": str(args.file), **predict(model, stage, image, tasks, decoding)}
     overlay = args.out or args.file.with_name(f"{args.file.stem}.overlay.png")
     boxes = [(f["label"], f["box_norm"]) for f in result["findings"]]
-    draw_boxes(Image.fromarray(image.pixels), boxes).save(overlay)
+    draw_boxes(Image.fromarray(image.pixels), boxes, local_labels=stage.grammar.vocabulary.local_labels).save(overlay)
     result["overlay"] = str(overlay)
     print(json.dumps(result, indent=1))
     return 0

@@ -197,13 +197,15 @@ def write_overlays(
     predictions: Sequence[Prediction], grammar: Grammar, images: Callable[[str], Image.Image], out_dir: Path,
     count: int = OVERLAYS,
 ) -> list[Path]:
-    """`out_dir/<image_id>.png` for the first `count` identify records with a predicted or true box."""
+    """`out_dir/<image_id>.png` for the first `count` identify records with a predicted or true box (an id
+    with folders, as a box CSV's relative paths give, keeps them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = [p for p in predictions
               if p.task == "identify" and (p.gt_findings or grammar.parse(p.output).findings)][:count]
     paths = []
     for record in chosen:
         path = out_dir / f"{record.image_id}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
         overlay(images(record.image_id), record, grammar).save(path)
         paths.append(path)
     return paths
@@ -254,7 +256,7 @@ def write_report(
     paths = write_overlays(predictions, grammar, images, out_dir / "overlays", overlays) if images is not None else []
     if paths:
         lines += ["## Overlays (red: predicted, green: ground truth)", ""]
-        lines += [f"![{p.stem}](overlays/{p.name})" for p in paths] + [""]
+        lines += [f"![{p.stem}](overlays/{p.relative_to(out_dir / 'overlays').as_posix()})" for p in paths] + [""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines), encoding="utf-8")
     return ReportFiles(report, paths)

@@ -114,7 +114,7 @@ def quantize_box(box: Sequence[float]) -> Box:
 
 @dataclass
 class Parsed:
-    """What a generation says: boxes (0..100, text order), labels (ALL_LABELS order), and the rest.
+    """What a generation says: boxes (0..100, text order), labels (the vocabulary's order), and the rest.
 
     `box_spans[i]` is the character span (start, end) of finding i's `{...}` text in the parsed string,
     so per-token scores can be attributed to each box (`metrics.box_confidences`).
@@ -299,15 +299,3 @@ class Grammar:
         gap(text[pos:])
         out.labels = [name for name in self.vocabulary.all_labels if name in mentioned]
         return out
-
-
-# TRANSITION (issue 15): the old module-level functions, until every caller holds a Grammar; removed at the end.
-def _transition() -> Grammar:
-    from litegpt.labels import VINDR_CXR
-    return Grammar(VINDR_CXR)
-
-
-_OLD = _transition()
-render_prompt, render_findings, render_diagnoses = _OLD.prompt, _OLD.findings, _OLD.diagnoses
-render_answer, parse = _OLD.answer, _OLD.parse
-INSTRUCTIONS, NO_FINDINGS_ANSWER, NO_DIAGNOSIS_ANSWER = _OLD.instructions, _OLD.no_findings_answer, _OLD.no_diagnosis_answer

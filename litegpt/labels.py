@@ -239,8 +239,3 @@ SYNTH_CSV = Vocabulary.build(
     ("Emphysema", "Fibrosis", "Hernia"),
 )
 SYNTH_COCO = Vocabulary.build("synth-coco", ("Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax"))
-
-# TRANSITION (issue 15): the old constants, until every module reads its vocabulary; removed at the end.
-LOCAL_LABELS, GLOBAL_LABELS, NO_FINDING = VINDR_CXR.local_labels, VINDR_CXR.global_labels, VINDR_CXR.no_finding
-ALL_LABELS = VINDR_CXR.all_labels
-canonical_label = VINDR_CXR.canonical

@@ -16,8 +16,9 @@ from litegpt.data import integrity
 from litegpt.data.dicom import ConvertConfig
 from litegpt.data.inspection import draw_samples, summary
 from litegpt.data.prepare import PrepareConfig, prepare
+from litegpt.data.readers import read_dataset
 from litegpt.data.shards import iter_samples, read_manifest
-from litegpt.data.sources import DatasetError, read_dataset
+from litegpt.data.sources import DatasetError
 from litegpt.grammar import PAPER_TEMPLATE, Grammar, TaskTemplate
 from litegpt.labels import VINDR_CXR, Vocabulary
 

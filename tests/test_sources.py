@@ -14,7 +14,8 @@ import pytest
 
 from litegpt.data.policy import PolicyConfig, apply_policy
 from litegpt.data.prepare import PrepareConfig, plan
-from litegpt.data.sources import DatasetError, read_dataset
+from litegpt.data.readers import read_dataset
+from litegpt.data.sources import DatasetError
 from litegpt.labels import VINDR_CXR, Vocabulary
 
 

@@ -1,6 +1,6 @@
 """`litegpt prepare`: a dataset root -> verified WebDataset shards.
 
-Formats (`sources.read_dataset`): `vindr`, a VinDr-CXR root (PhysioNet or Kaggle layout) with VinDr-CXR's
+Formats (`readers.read_dataset`): `vindr`, a VinDr-CXR root (PhysioNet or Kaggle layout) with VinDr-CXR's
 labels or its own label list; `csv`, the generic box CSV (`box_csv`); `coco`, COCO detection JSON (`coco`).
 The label vocabulary and the task template go into manifest.json, where everything downstream reads them.
 
@@ -35,6 +35,7 @@ from tqdm import tqdm
 from litegpt import __version__
 from litegpt.data.dicom import MAX_PIXELS, ConvertConfig, DicomError, convert_dicom, convert_image_file
 from litegpt.data.policy import Conflict, Labels, PolicyConfig, apply_policy
+from litegpt.data.readers import FORMATS, read_dataset
 from litegpt.data.shards import (
     FORMAT,
     INPUTS,
@@ -49,7 +50,7 @@ from litegpt.data.shards import (
     shard_name,
     write_shard,
 )
-from litegpt.data.sources import FORMATS, DatasetError, ImageRecord, Problem, detect_layout, read_dataset
+from litegpt.data.sources import DatasetError, ImageRecord, Problem, detect_layout
 from litegpt.files import sha256_file
 from litegpt.grammar import PAPER_TEMPLATE, Grammar, TaskTemplate
 from litegpt.labels import DEFAULT_NO_FINDING, VINDR_CXR, Vocabulary, VocabularyError

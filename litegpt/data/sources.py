@@ -1,6 +1,6 @@
-"""Dataset readers: the record types every reader returns, the format dispatch, and the VinDr family's two
+"""Dataset readers: the record types every reader returns, what readers share, and the VinDr family's two
 layouts: PhysioNet (DICOM + four CSVs) and Kaggle VinBigData (train.csv). The generic box CSV and COCO
-readers live in `box_csv` and `coco`.
+readers live in `box_csv` and `coco`; `readers.read_dataset` picks one by format.
 
 A reader turns a dataset root into `ImageRecord`s (one per image, every rater's annotations attached,
 coordinates still in original pixels) and a list of `Problem`s for what it could not use. It validates
@@ -16,13 +16,11 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import pandas as pd
 
 from litegpt.labels import KAGGLE_CLASSES, VINDR_CXR, UnknownLabel, Vocabulary
 
-FORMATS = ("vindr", "csv", "coco")
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")  # what prepare converts (DICOM or Pillow)
 BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
 CONSENSUS = "consensus"  # rater name used where a CSV gives consensus labels with no rater column
@@ -82,47 +80,6 @@ def detect_layout(root: Path) -> str:
         f"{root}: not a VinDr-CXR root: expected annotations/annotations_train.csv (PhysioNet layout) "
         "or train.csv (Kaggle VinBigData layout)"
     )
-
-
-class Dataset(NamedTuple):
-    """What a reader found: the usable images sorted by (split, image_id), the problems, and the vocabulary
-    (the one given, or for csv/coco without one, the one inferred from the annotations)."""
-
-    records: list[ImageRecord]
-    problems: list[Problem]
-    vocabulary: Vocabulary
-
-
-def read_dataset(root: Path, fmt: str = "vindr", *, layout: str = "auto", holdout: float = 0.1,
-                 vocabulary: Vocabulary | None = None, no_finding: str | None = None) -> Dataset:
-    """All images of a dataset root in format `fmt` (vindr: `layout` auto, physionet or kaggle).
-
-    `vocabulary` None means VinDr-CXR's for vindr and the one inferred from the annotations for csv/coco
-    (its no-finding label `no_finding`, default `DEFAULT_NO_FINDING`); with a vocabulary, `no_finding` is unused.
-    """
-    from litegpt.data import box_csv, coco  # they build on this module's record types
-
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: dataset root does not exist")
-    if fmt == "vindr":
-        layout = detect_layout(root) if layout == "auto" else layout
-        vocabulary = vocabulary or VINDR_CXR
-        if layout == "physionet":
-            records, problems = _read_physionet(root, vocabulary)
-        elif layout == "kaggle":
-            records, problems = _read_kaggle(root, check_holdout(holdout), vocabulary)
-        else:
-            raise DatasetError(f"unknown layout {layout!r}; expected auto, physionet or kaggle")
-    elif fmt in ("csv", "coco"):
-        if layout not in ("auto", fmt):
-            raise DatasetError(f"--layout {layout} is a layout of the vindr format, not of {fmt}")
-        reader = box_csv.read_box_csv if fmt == "csv" else coco.read_coco
-        records, problems, vocabulary = reader(root, check_holdout(holdout), vocabulary, no_finding)
-    else:
-        raise DatasetError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    records.sort(key=lambda r: (r.split, r.image_id))
-    return Dataset(records, problems, vocabulary)
 
 
 @dataclass
@@ -301,7 +258,7 @@ def _isnan(value) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def _read_physionet(root: Path, vocabulary: Vocabulary) -> tuple[list[ImageRecord], list[Problem]]:
+def read_physionet(root: Path, vocabulary: Vocabulary) -> tuple[list[ImageRecord], list[Problem]]:
     """PhysioNet layout: one image_labels column per label of `vocabulary` (any spelling it accepts)."""
     ann_dir = root / "annotations"
     records: list[ImageRecord] = []
@@ -371,7 +328,7 @@ def _flag(value: object, column: str) -> bool:
                      f"(expected 0 or 1, 0.0 or 1.0, true/false or yes/no)")
 
 
-def _read_kaggle(root: Path, holdout: float, vocabulary: Vocabulary) -> tuple[list[ImageRecord], list[Problem]]:
+def read_kaggle(root: Path, holdout: float, vocabulary: Vocabulary) -> tuple[list[ImageRecord], list[Problem]]:
     """Kaggle layout. Each row's class_id must agree with its class_name only for VinDr-CXR's own vocabulary
     (Kaggle's ids, `KAGGLE_CLASSES`); with another vocabulary class_id is required but not checked."""
     path = root / "train.csv"

@@ -76,6 +76,8 @@ class Vocabulary:
         object.__setattr__(self, "local_labels", tuple(self.local_labels))
         object.__setattr__(self, "global_labels", tuple(self.global_labels))
         object.__setattr__(self, "aliases", dict(self.aliases))
+        # spelling key -> name, read once per annotation row by `canonical`
+        object.__setattr__(self, "_names", {**seen, **{_key(a): t for a, t in self.aliases.items()}})
 
     @classmethod
     def build(cls, name: str, local_labels: Iterable[str], global_labels: Iterable[str] = (),
@@ -95,13 +97,9 @@ class Vocabulary:
 
     def canonical(self, name: str) -> str:
         """A label as spelled in a dataset's files (any case, spacing or alias) -> its name here."""
-        key = _key(name)
-        for alias, target in self.aliases.items():
-            if _key(alias) == key:
-                return target
-        for label in self.all_labels:
-            if _key(label) == key:
-                return label
+        label = self._names.get(_key(name))  # type: ignore[attr-defined]
+        if label is not None:
+            return label
         raise UnknownLabel(f"unknown label {name!r}; {self.name} has {', '.join(self.all_labels)}")
 
     def describe(self) -> str:

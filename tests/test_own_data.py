@@ -2,9 +2,11 @@
 
 `litegpt synth --format csv|coco` writes data nobody hand-wrote with a vocabulary of other size and names
 (csv: 8 local + 3 global labels, raters that disagree, PNG/JPEG/DICOM images; coco: 5 categories, no
-global labels). Each goes through `litegpt prepare` -> `litegpt cache-features` -> `train.py` (tiny stage 1)
--> `litegpt evaluate`, and every step is checked against the vocabulary synth wrote (`labels.yaml`) and the
-text an independent `Grammar` renders from the shard JSON.
+global labels). The VinDr family's own-label-list case is a synthetic Kaggle-layout `train.csv` whose 14
+classes are relabelled into 5 groups, given on the command line. Each goes through `litegpt prepare` ->
+`litegpt cache-features` -> `train.py` (tiny stage 1) -> `litegpt evaluate`, and every step is checked
+against the vocabulary synth wrote (`labels.yaml`, or the command line's) and the text an independent
+`Grammar` renders from the shard JSON.
 """
 
 from __future__ import annotations
@@ -16,31 +18,49 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 from litegpt.cli import main
 from litegpt.data.shards import iter_json, read_manifest
 from litegpt.grammar import Grammar, TaskTemplate
-from litegpt.labels import VINDR_CXR, Vocabulary
+from litegpt.labels import KAGGLE_CLASSES, VINDR_CXR, Vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
 TEMPLATE = {"local_prefix": "Findings of this radiograph are", "no_findings_prefix": "This radiograph shows",
             "no_findings": "nothing abnormal"}
+GROUPS = ("Cardiac", "Mediastinal", "Parenchymal", "Pleural", "Nodular")  # the relabelled VinDr family's labels
 
 
-@pytest.fixture(scope="module", params=["csv", "coco"])
+def relabel_kaggle(root: Path) -> Vocabulary:
+    """Rewrite a synthetic Kaggle-layout train.csv with the 14 finding classes merged into GROUPS (class_id
+    kept: only VinDr-CXR's own labels are checked against it); returns the vocabulary to prepare it with."""
+    frame = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
+    groups = {name: GROUPS[i % len(GROUPS)] for i, name in enumerate(KAGGLE_CLASSES) if name != VINDR_CXR.no_finding}
+    frame["class_name"] = frame["class_name"].map(lambda name: groups.get(name, name))
+    frame.to_csv(root / "train.csv", index=False)
+    return Vocabulary.build(root.name, GROUPS)
+
+
+@pytest.fixture(scope="module", params=["csv", "coco", "vindr"])
 def trained(request, tiny_config, tmp_path_factory) -> dict:
     """One dataset of the format, prepared, cached, trained (tiny stage 1, one rank) and evaluated."""
     fmt = request.param
     work = tmp_path_factory.mktemp(f"own-{fmt}")
     root, shards, template = work / "root", work / "shards", work / "template.yaml"
     template.write_text(yaml.safe_dump(TEMPLATE))
-    assert main(["synth", "--out", str(root), "--format", fmt, "--train", "48", "--test", "12", "--seed", "3",
-                 "--max-side-px", "320", "--workers", "1"]) == 0
-    # csv: the vocabulary is inferred from the rows; coco: given as a file. Both use their own sentences.
-    labels = ["--labels", str(root / "labels.yaml")] if fmt == "coco" else []
+    layout = ["--layout", "kaggle"] if fmt == "vindr" else []
+    assert main(["synth", "--out", str(root), "--format", fmt, *layout, "--train", "48", "--test", "12",
+                 "--seed", "3", "--max-side-px", "320", "--workers", "1"]) == 0
+    # csv: the vocabulary is inferred from the rows; coco: given as a file; vindr: on the command line.
+    if fmt == "vindr":
+        vocabulary = relabel_kaggle(root)
+        labels = [*layout, "--holdout", "0.25", "--local-labels", ",".join(vocabulary.local_labels)]
+    else:
+        vocabulary = Vocabulary.from_yaml(root / "labels.yaml")
+        labels = ["--labels", str(root / "labels.yaml")] if fmt == "coco" else []
     assert main(["prepare", "--format", fmt, "--root", str(root), "--out", str(shards), "--samples-per-shard", "8",
                  "--workers", "1", "--template", str(template), *labels]) == 0
     model = work / "model_tiny.yaml"
@@ -60,26 +80,24 @@ def trained(request, tiny_config, tmp_path_factory) -> dict:
     assert done.returncode == 0, f"train.py failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     stage = work / "runs/stage1"
     assert main(["evaluate", "--run", str(stage), "--shards", str(shards)]) == 0
-    return {"format": fmt, "root": root, "shards": shards, "stage": stage}
-
-
-def expected_grammar(root: Path) -> Grammar:
-    return Grammar(Vocabulary.from_yaml(root / "labels.yaml"), TaskTemplate(**TEMPLATE))
+    images = 48 if fmt == "vindr" else 48 + 12  # the Kaggle layout has train images only
+    return {"format": fmt, "shards": shards, "stage": stage, "images": images,
+            "grammar": Grammar(vocabulary, TaskTemplate(**TEMPLATE))}
 
 
 def test_prepare_records_the_datasets_own_vocabulary_and_loses_no_image(trained):
     manifest = read_manifest(trained["shards"])
-    grammar = expected_grammar(trained["root"])
+    grammar = trained["grammar"]
     vocabulary = grammar.vocabulary
     assert Grammar.from_record(manifest).to_dict() == grammar.to_dict()
     assert vocabulary != VINDR_CXR and len(vocabulary.local_labels) != len(VINDR_CXR.local_labels)
     assert not set(vocabulary.local_labels) <= set(VINDR_CXR.all_labels)
-    if trained["format"] == "coco":
+    if trained["format"] != "csv":
         assert vocabulary.global_labels == (vocabulary.no_finding,)  # detection only
     else:
         assert vocabulary.diseases
     metas = [m for s in manifest["shards"] for m in iter_json(trained["shards"] / s["name"])]
-    assert len(metas) + len(manifest["dropped"]) == 48 + 12
+    assert len(metas) + len(manifest["dropped"]) == trained["images"]
     found = {f["label"] for m in metas for f in m["findings"]}
     assert found == set(vocabulary.local_labels)  # synth's pool cycles through every label
     assert {d for m in metas for d in m["diagnoses"]} <= set(vocabulary.global_labels)
@@ -92,11 +110,11 @@ def test_the_stage_trains_and_its_export_carries_the_vocabulary(trained):
     assert len(steps) >= 8 and all(math.isfinite(v) for v in steps.values())
     assert steps[max(steps)] < steps[min(steps)]  # it learns something
     info = json.loads((trained["stage"] / "export/export.json").read_text())
-    assert Grammar.from_record(info).to_dict() == expected_grammar(trained["root"]).to_dict()
+    assert Grammar.from_record(info).to_dict() == trained["grammar"].to_dict()
 
 
 def test_evaluate_renders_the_datasets_text_and_scores_its_labels(trained):
-    grammar = expected_grammar(trained["root"])
+    grammar = trained["grammar"]
     manifest = read_manifest(trained["shards"])
     truth = {m["image_id"]: m for s in manifest["shards"] if s["split"] == "test"
              for m in iter_json(trained["shards"] / s["name"])}
